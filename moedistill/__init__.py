@@ -1,0 +1,1 @@
+"""moedistill: knowledge distillation for compressed Mixture-of-Experts language models."""

@@ -1,0 +1,112 @@
+"""MoE routing and dispatch: the one seam every expert parameterisation computes through.
+
+Legend: t tokens, k experts per token, e experts, m token copies (t*k, sorted by expert),
+c capacity slots per expert, d hidden, f expert intermediate.
+
+`route` picks experts in float32 (softmax -> top-k -> optional renormalise), as transformers.
+`make_dispatch(backend, ...)` returns an object with three methods:
+  expand(a_td)       -> grouped copies of per-token rows (layout is the backend's business)
+  gmm(a_g, w_edf)    -> per-expert matmul of grouped rows: row of expert e times w_edf[e]
+  combine(y_g)       -> [t, d]: router-weighted sum over each token's k copies
+Backends: `ragged` (jax.lax.ragged_dot over sorted copies, dropless, exact on CPU/TPU) and
+`capacity` (GShard [e, c, d] batched einsum; copies past capacity are dropped and counted).
+A GPU backend (Mosaic-GPU ragged dot) plugs in by registering another class in BACKENDS.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from moedistill.errors import ConfigError
+
+
+def route(x_td, w_de, k: int, norm_topk_prob: bool):
+  """Returns (router_logits_te f32, weights_tk f32, experts_tk int32)."""
+  logits_te = jnp.dot(x_td.astype(jnp.float32), w_de.astype(jnp.float32))
+  probs_te = jax.nn.softmax(logits_te, axis=-1)
+  weights_tk, experts_tk = jax.lax.top_k(probs_te, k)
+  if norm_topk_prob:
+    weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
+  return logits_te, weights_tk, experts_tk.astype(jnp.int32)
+
+
+class RaggedDispatch:
+  """Token copies sorted by expert; grouped matmul by jax.lax.ragged_dot. Never drops."""
+
+  def __init__(self, experts_tk, weights_tk, num_experts: int):
+    t, k = experts_tk.shape
+    flat_m = experts_tk.reshape(-1)
+    self.order_m = jnp.argsort(flat_m, stable=True)
+    self.inverse_m = jnp.argsort(self.order_m)  # position of each (token, slot) copy
+    self.token_m = self.order_m // k
+    self.group_sizes = jnp.bincount(flat_m, length=num_experts).astype(jnp.int32)
+    self.weights_tk = weights_tk
+    self.t, self.k = t, k
+    self.dropped = jnp.zeros((), jnp.int32)
+
+  def expand(self, a_td):
+    return a_td[self.token_m]
+
+  def gmm(self, a_md, w_edf):
+    return jax.lax.ragged_dot(a_md, w_edf.astype(a_md.dtype), self.group_sizes)
+
+  def combine(self, y_md):
+    y_tkd = y_md[self.inverse_m].reshape(self.t, self.k, -1)
+    return jnp.einsum("tkd,tk->td", y_tkd, self.weights_tk.astype(y_md.dtype))
+
+
+class CapacityDispatch:
+  """GShard layout [e, c, d]; first choices claim slots before second choices."""
+
+  def __init__(self, experts_tk, weights_tk, num_experts: int, capacity_factor: float):
+    t, k = experts_tk.shape
+    m = t * k
+    capacity = max(1, math.ceil(m / num_experts * capacity_factor))
+    # Choice-major order (all first choices, then all second ...) so drops hit later choices.
+    flat_m = experts_tk.T.reshape(-1)
+    order = jnp.argsort(flat_m, stable=True)
+    sizes = jnp.bincount(flat_m, length=num_experts)
+    starts = jnp.cumsum(sizes) - sizes
+    rank_sorted = jnp.arange(m) - starts[flat_m[order]]
+    rank_m = jnp.zeros((m,), jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+    self.valid_m = rank_m < capacity
+    # Slot e*c + rank; dropped copies point one past the end (scatter drops, gather fills 0).
+    self.slot_m = jnp.where(self.valid_m, flat_m * capacity + rank_m, num_experts * capacity)
+    self.token_m = jnp.tile(jnp.arange(t), k)
+    self.weights_m = weights_tk.T.reshape(-1)
+    self.e, self.c, self.t, self.k = num_experts, capacity, t, k
+    self.dropped = jnp.sum(~self.valid_m).astype(jnp.int32)
+
+  def expand(self, a_td):
+    buf = jnp.zeros((self.e * self.c, a_td.shape[-1]), a_td.dtype)
+    buf = buf.at[self.slot_m].set(a_td[self.token_m], mode="drop")
+    return buf.reshape(self.e, self.c, -1)
+
+  def gmm(self, a_ecd, w_edf):
+    return jnp.einsum("ecd,edf->ecf", a_ecd, w_edf.astype(a_ecd.dtype))
+
+  def combine(self, y_ecd):
+    y_md = y_ecd.reshape(self.e * self.c, -1).at[self.slot_m].get(mode="fill", fill_value=0)
+    y_md = y_md * self.weights_m[:, None].astype(y_md.dtype)
+    return jnp.zeros((self.t, y_md.shape[-1]), y_md.dtype).at[self.token_m].add(y_md)
+
+
+BACKENDS = ("ragged", "capacity")
+
+
+def make_dispatch(backend: str, experts_tk, weights_tk, num_experts: int,
+                  capacity_factor: float = 1.25):
+  if backend == "ragged":
+    return RaggedDispatch(experts_tk, weights_tk, num_experts)
+  if backend == "capacity":
+    return CapacityDispatch(experts_tk, weights_tk, num_experts, capacity_factor)
+  raise ConfigError(f"moe backend={backend!r}: expected one of {BACKENDS}")
+
+
+def expert_ffn(dispatch, x_td, w_gate_edf, w_up_edf, w_down_efd):
+  """SwiGLU experts: sum_k w_k * down_e(silu(gate_e x) * up_e x)."""
+  x_g = dispatch.expand(x_td)
+  h_g = jax.nn.silu(dispatch.gmm(x_g, w_gate_edf)) * dispatch.gmm(x_g, w_up_edf)
+  return dispatch.combine(dispatch.gmm(h_g, w_down_efd))
