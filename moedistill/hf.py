@@ -122,7 +122,7 @@ def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend=
   for p, entries in groups.items():
     var = flat[p]
     arr = _assemble(entries, var.shape, by_key, np.dtype(param_dtype))
-    var.value = put(p, arr)
+    var.set_value(put(p, arr))
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
 
 
