@@ -22,6 +22,7 @@ from moedistill.errors import CheckpointFileError, ConfigError
 from moedistill.model.config import ModelConfig
 from moedistill.model.layers import Runtime
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
+from moedistill.model.shared_core import PROJS, Compression, merged_experts
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -37,7 +38,9 @@ class Entry:
   expert: int | None = None  # row of a stacked [e, ...] param
 
 
-def key_table(cfg: ModelConfig) -> list[Entry]:
+def key_table(cfg: ModelConfig, comp: Compression | None = None) -> list[Entry]:
+  """HF keys in file order. With `comp`, MoE experts use the native compact keys
+  (`model.layers.N.mlp.experts.shared_core.gate`, `....wrapper.gate_a`: our layout as is)."""
   t = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), False)]
   for i in range(cfg.num_hidden_layers):
     p, L = f"model.layers.{i}.", ("layers", i)
@@ -52,6 +55,11 @@ def key_table(cfg: ModelConfig) -> list[Entry]:
       t.append(Entry(p + f"self_attn.{name}.weight", L + ("self_attn", name, "scale"), False))
     if cfg.is_moe_layer(i):
       t.append(Entry(p + "mlp.gate.weight", L + ("mlp", "gate", "kernel"), True))
+      if comp is not None:
+        for q in PROJS:
+          for sub in (("shared_core", q), ("wrapper", f"{q}_a"), ("wrapper", f"{q}_b")):
+            t.append(Entry(p + "mlp.experts." + ".".join(sub), L + ("mlp", "experts") + sub, False))
+        continue
       for name in ("gate_proj", "up_proj", "down_proj"):
         t += [Entry(p + f"mlp.experts.{e}.{name}.weight", L + ("mlp", "experts", name), True, e)
               for e in range(cfg.num_experts)]
@@ -101,12 +109,15 @@ def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend=
   """Returns (model, config). `put(path, np_array) -> jax.Array` places each param
   (default: jnp.asarray in param_dtype); pass a sharded device_put for meshes."""
   by_key, raw = open_checkpoint(path)
-  cfg = ModelConfig.from_hf_dict(raw, source=str(Path(path) / "config.json"))
+  source = str(Path(path) / "config.json")
+  cfg = ModelConfig.from_hf_dict(raw, source=source)
+  comp = Compression.from_dict(raw["compression"], source) if raw.get("compression") else None
   rt = Runtime(dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
                capacity_factor=capacity_factor)
-  abstract = nnx.eval_shape(lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=rt))
+  abstract = nnx.eval_shape(
+      lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=rt, compression=comp))
   graphdef, state = nnx.split(abstract)
-  table = key_table(cfg)
+  table = key_table(cfg, comp)
   extra = set(by_key) - {e.hf_key for e in table}
   if cfg.tie_word_embeddings:
     extra.discard("lm_head.weight")
@@ -148,15 +159,37 @@ def state_arrays(model) -> dict[tuple, jax.Array]:
   return {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def save_model(model, path, *, max_shard_bytes: int = 5 * 2**30, dtype=None,
-               tokenizer_from=None, table: list[Entry] | None = None, extra_config=None):
+class _MergedView(dict):
+  """State arrays plus the dense expert paths, each W_e = core + A_e B_e computed on demand."""
+
+  def __missing__(self, p):
+    *layer, name = p
+    q = name.removesuffix("_proj")
+    if not (layer and layer[-1] == "experts" and q in PROJS):
+      raise KeyError(p)
+    base = tuple(layer)
+    return merged_experts(self[base + ("shared_core", q)], self[base + ("wrapper", f"{q}_a")],
+                          self[base + ("wrapper", f"{q}_b")])
+
+
+def save_model(model, path, *, merged: bool = False, max_shard_bytes: int = 5 * 2**30,
+               dtype=None, tokenizer_from=None):
   """Writes HF safetensors (sharded past max_shard_bytes, with index), config.json and, from
-  `tokenizer_from`, the tokenizer files. `dtype` casts on the way out (default: param dtype)."""
+  `tokenizer_from`, the tokenizer files. `dtype` casts on the way out (default: param dtype).
+  A compressed model is written in its native compact form, or with `merged=True` as a
+  standard Qwen3-MoE that transformers loads (one layer's W_e on the host at a time)."""
   cfg: ModelConfig = model.config
-  table = table or key_table(cfg)
-  arrays = state_arrays(model)
-  path = Path(path)
-  path.mkdir(parents=True, exist_ok=True)
+  comp = model.compression
+  arrays = _MergedView(state_arrays(model))
+  extra_config = {}
+  if comp is not None and not merged:
+    extra_config["compression"] = comp.to_dict()
+  table = key_table(cfg, None if merged else comp)
+  final = Path(path)
+  # Written aside and renamed at the end: a crash never leaves a half checkpoint at `path`.
+  path = final.with_name(final.name + ".partial")
+  shutil.rmtree(path, ignore_errors=True)
+  path.mkdir(parents=True)
   shards, cur, size = [], [], 0
   for e in table:
     a = arrays[e.path]
@@ -187,14 +220,15 @@ def save_model(model, path, *, max_shard_bytes: int = 5 * 2**30, dtype=None,
   if len(shards) > 1:
     (path / INDEX).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  elif (path / INDEX).exists():
-    os.remove(path / INDEX)
   hf = cfg.to_hf_dict()
   hf["torch_dtype"] = str(np.dtype(dtype or next(iter(arrays.values())).dtype))
-  hf.update(extra_config or {})
+  hf.update(extra_config)
   (path / "config.json").write_text(json.dumps(hf, indent=2))
   if tokenizer_from is not None:
     for name in TOKENIZER_FILES:
       if (Path(tokenizer_from) / name).exists():
         shutil.copyfile(Path(tokenizer_from) / name, path / name)
-  return path
+  if final.exists():
+    shutil.rmtree(final)
+  os.replace(path, final)
+  return final

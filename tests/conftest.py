@@ -5,6 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 TINY_HF = dict(vocab_size=101, hidden_size=32, intermediate_size=48, moe_intermediate_size=20,
@@ -28,7 +29,7 @@ def make_hf_checkpoint(path, seed=0, max_shard_size=None, **overrides):
 def torch_logits(model, tokens, **kw):
   import torch
   with torch.no_grad():
-    return model(torch.as_tensor(tokens), **kw).logits.float().numpy()
+    return model(torch.tensor(np.array(tokens)), **kw).logits.float().numpy()
 
 
 @pytest.fixture

@@ -7,7 +7,9 @@ Param paths are the user interface (regex groups match them), e.g.
 `layers.3.self_attn.q_proj.kernel`, `layers.3.mlp.gate.kernel` (router),
 `layers.3.mlp.experts.gate_proj` [e, d, f], `embed_tokens.embedding`, `lm_head.kernel`.
 The experts module is a seam: `MoeBlock(..., experts=...)` takes any module with
-`__call__(dispatch, x_td) -> y_td` (dense experts here, shared-core experts in shared_core.py).
+`__call__(dispatch, x_td) -> y_td`: dense experts (the teacher) or, when the model is built
+with a `Compression`, shared-core experts (`layers.3.mlp.experts.shared_core.gate`,
+`layers.3.mlp.experts.wrapper.gate_a`, ...; see shared_core.py).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from flax import nnx
 from moedistill.model import moe
 from moedistill.model.config import ModelConfig
 from moedistill.model.layers import Linear, RMSNorm, Runtime, param, positions_from_segments, rope
+from moedistill.model.shared_core import Compression, SharedCoreExperts
 
 
 class Attention(nnx.Module):
@@ -116,9 +119,12 @@ class DecoderLayer(nnx.Module):
 
 class Qwen3MoeForCausalLM(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime(),
-               experts_factory: ExpertsFactory = DenseExperts):
+               compression: Compression | None = None):
     rt = runtime
-    self.config, self.runtime = cfg, rt
+    self.config, self.runtime, self.compression = cfg, rt, compression
+    experts_factory: ExpertsFactory = DenseExperts
+    if compression is not None:
+      experts_factory = lambda c, r, g: SharedCoreExperts(c, compression, r, g)  # noqa: E731
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=rt.param_dtype,
                                   dtype=rt.dtype, rngs=rngs,
                                   embedding_init=nnx.initializers.normal(0.02))

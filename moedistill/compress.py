@@ -1,0 +1,110 @@
+"""Zero-shot compressed student ("checkpoint-0") from a teacher: core = mean of a layer's
+experts (or routing-frequency weighted), wrappers = truncated SVD of each expert's delta.
+
+CLI: python -m moedistill.compress --teacher=DIR --out=DIR --rank=R [--rank_down=R2]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moedistill import hf
+from moedistill.errors import ConfigError, cli_main
+from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
+from moedistill.model.shared_core import PROJS, Compression, merged_experts
+
+
+def factor_experts(w_eio, rank: int, freq_e=None):
+  """Returns (core [i, o], A [e, i, r], B [e, r, o]); sqrt(S) goes to both factors so they
+  start at the same scale."""
+  w = jnp.asarray(w_eio, jnp.float32)
+  if freq_e is None:
+    core = jnp.mean(w, axis=0)
+  else:
+    p = jnp.asarray(freq_e, jnp.float32)
+    core = jnp.einsum("e,eio->io", p / jnp.sum(p), w)
+  u, s, vt = jnp.linalg.svd(w - core[None], full_matrices=False)
+  root = jnp.sqrt(s[:, :rank])
+  return core, u[:, :, :rank] * root[:, None, :], root[:, :, None] * vt[:, :rank, :]
+
+
+def param_count(model) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def compress_model(teacher, comp: Compression, freq_le: dict[int, np.ndarray] | None = None):
+  """Returns (student, report): report rows are per MoE layer, relative Frobenius error per
+  projection of the reconstructed experts."""
+  cfg = teacher.config
+  comp.check(cfg)
+  student = nnx.eval_shape(lambda: Qwen3MoeForCausalLM(
+      cfg, rngs=nnx.Rngs(0), runtime=teacher.runtime, compression=comp))
+  graphdef, state = nnx.split(student)
+  flat = dict(nnx.to_flat_state(state))
+  src = hf.state_arrays(teacher)
+  dtype = teacher.runtime.param_dtype
+  for p, var in flat.items():
+    if p in src:
+      var.set_value(src[p])
+  report = []
+  for i in cfg.moe_layers:
+    base = ("layers", i, "mlp", "experts")
+    row = {"layer": i}
+    for q in PROJS:
+      w = src[base + (f"{q}_proj",)]
+      core, a, b = factor_experts(w, comp.rank(q), None if freq_le is None else freq_le[i])
+      for name, val in ((("shared_core", q), core), (("wrapper", f"{q}_a"), a),
+                        (("wrapper", f"{q}_b"), b)):
+        flat[base + name].set_value(val.astype(dtype))
+      w32 = w.astype(jnp.float32)
+      err = jnp.linalg.norm(merged_experts(core, a, b) - w32) / jnp.linalg.norm(w32)
+      row[q] = float(err)
+    report.append(row)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat)), report
+
+
+def print_report(report, teacher_params: int, student_params: int, file=sys.stdout):
+  print(f"{'layer':>5} {'gate err':>9} {'up err':>9} {'down err':>9}", file=file)
+  for r in report:
+    print(f"{r['layer']:>5} {r['gate']:>9.4f} {r['up']:>9.4f} {r['down']:>9.4f}", file=file)
+  print(f"params: teacher {teacher_params:,}  student {student_params:,}  "
+        f"compression {teacher_params / student_params:.2f}x", file=file)
+
+
+def parse_args(argv):
+  ap = argparse.ArgumentParser(prog="python -m moedistill.compress", description=__doc__)
+  ap.add_argument("--teacher", required=True, help="HF Qwen3-MoE checkpoint directory")
+  ap.add_argument("--out", required=True, help="output directory (native compressed checkpoint)")
+  ap.add_argument("--rank", type=int, required=True, help="wrapper rank for gate/up/down")
+  for q in PROJS:
+    ap.add_argument(f"--rank_{q}", type=int, default=None, help=f"override the {q} rank")
+  ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  return ap.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+  args = parse_args(argv)
+  out = Path(args.out)
+  if out.exists() and not args.overwrite:
+    raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it")
+  comp = Compression(*(getattr(args, f"rank_{q}") or args.rank for q in PROJS))
+  teacher, _ = hf.load_model(args.teacher)
+  student, report = compress_model(teacher, comp)
+  print_report(report, param_count(teacher), param_count(student))
+  hf.save_model(student, out, tokenizer_from=args.teacher)
+  (out / "compression_report.json").write_text(json.dumps(
+      {"compression": dataclasses.asdict(comp), "layers": report}, indent=2))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
