@@ -20,6 +20,7 @@ from flax import nnx
 from moedistill import safetensors_io as st
 from moedistill.errors import CheckpointFileError, ConfigError
 from moedistill.model.config import ModelConfig
+from moedistill.model import moe
 from moedistill.model.layers import Runtime
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.model.shared_core import PROJS, Compression, merged_experts
@@ -106,13 +107,13 @@ def open_checkpoint(path) -> tuple[dict[str, st.SafetensorsFile], dict]:
 
 def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend="ragged",
                capacity_factor=1.25, put: Callable | None = None):
-  """Returns (model, config). `put(path, np_array) -> jax.Array` places each param
-  (default: jnp.asarray in param_dtype); pass a sharded device_put for meshes."""
+  """Returns (model, config). `put(abstract_var, np_array) -> jax.Array` places each param
+  (default: jnp.asarray); moedistill.sharding.sharded_put(mesh) shards it over a mesh."""
   by_key, raw = open_checkpoint(path)
   source = str(Path(path) / "config.json")
   cfg = ModelConfig.from_hf_dict(raw, source=source)
   comp = Compression.from_dict(raw["compression"], source) if raw.get("compression") else None
-  rt = Runtime(dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
+  rt = Runtime(dtype=dtype, param_dtype=param_dtype, moe_backend=moe.resolve_backend(moe_backend),
                capacity_factor=capacity_factor)
   abstract = nnx.eval_shape(
       lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=rt, compression=comp))
@@ -125,7 +126,7 @@ def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend=
     k = sorted(extra)[0]
     raise CheckpointFileError(f"{by_key[k].path}: unexpected key {k} ({len(extra)} unknown keys; "
                               f"not a Qwen3-MoE of this config.json?)")
-  put = put or (lambda _, a: jnp.asarray(a, dtype=param_dtype))
+  put = put or (lambda _, a: jnp.asarray(a))
   flat = dict(nnx.to_flat_state(state))
   groups: dict[tuple, list[Entry]] = {}
   for e in table:
@@ -133,7 +134,7 @@ def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend=
   for p, entries in groups.items():
     var = flat[p]
     arr = _assemble(entries, var.shape, by_key, np.dtype(param_dtype))
-    var.set_value(put(p, arr))
+    var.set_value(put(var, arr))
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
 
 

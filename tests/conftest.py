@@ -37,3 +37,86 @@ def hf_tiny(tmp_path):
   path = tmp_path / "teacher"
   model = make_hf_checkpoint(path)
   return path, model
+
+
+WORDS = ("the cat dog sat on a mat and ran to big red blue house tree bird sings "
+         "one two three four five six seven eight nine ten plus minus equals").split()
+
+
+def make_corpus(path, n_docs=40, seed=0):
+  """Local jsonl of short random-word documents (some long enough to span rows)."""
+  import json
+  r = np.random.RandomState(seed)
+  with open(path, "w") as f:
+    for i in range(n_docs):
+      n = int(r.randint(3, 40))
+      f.write(json.dumps({"text": " ".join(r.choice(WORDS, n)), "id": i}) + "\n")
+  return path
+
+
+def make_tokenizer(path, vocab_size=60):
+  """A small BPE tokenizer trained on WORDS, saved as a transformers fast tokenizer."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<unk>"])
+  tok.train_from_iterator([" ".join(WORDS)] * 3, trainer)
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+  fast.save_pretrained(path)
+  return fast
+
+
+def job_config(tmp_path, teacher, train_docs=40, **over):
+  """configs/two_stage.py pointed at a test teacher and corpus, small cache settings."""
+  import importlib.util
+  import pathlib
+  spec = importlib.util.spec_from_file_location(
+      "two_stage", pathlib.Path(__file__).parent.parent / "configs" / "two_stage.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.workdir = str(tmp_path / "run")
+  c.teacher = str(teacher)
+  c.data.seq_len = 16
+  c.data.train.source = [str(make_corpus(tmp_path / "train.jsonl", n_docs=train_docs))]
+  c.data.eval.source = [str(make_corpus(tmp_path / "eval.jsonl", n_docs=8, seed=1))]
+  c.cache.k = 8
+  c.cache.rows_per_chunk = 4
+  c.cache.chunks_per_step = 1
+  c.cache.vocab_chunk = 32
+  for k, v in over.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+  """Tiny HF teacher with a tokenizer in the same directory."""
+  path = tmp_path / "teacher"
+  model = make_hf_checkpoint(path, vocab_size=64)
+  make_tokenizer(path)
+  return path, model
+
+
+def write_config_file(tmp_path, c, name="job_config.py"):
+  """A config file for the CLIs holding exactly ConfigDict `c` (via JSON)."""
+  import json
+  blob = tmp_path / (name + ".json")
+  blob.write_text(json.dumps(c.to_dict()))
+  path = tmp_path / name
+  path.write_text("import json\nimport ml_collections\n\n\ndef get_config(arg=''):\n"
+                  f"  return ml_collections.ConfigDict(json.load(open({str(blob)!r})))\n")
+  return path
+
+
+def run_cli(module, *args, env=None, timeout=600):
+  import subprocess
+  import sys
+  e = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+                        text=True, env=e, timeout=timeout)

@@ -96,6 +96,14 @@ class CapacityDispatch:
 BACKENDS = ("ragged", "capacity")
 
 
+def resolve_backend(name: str) -> str:
+  """`auto`: capacity on GPUs (default ragged_dot lowers to a dense masked matmul there, see
+  DESIGN.md), ragged on CPU/TPU. The Hopper Mosaic-GPU backend will slot in here."""
+  if name != "auto":
+    return name
+  return "capacity" if jax.default_backend() == "gpu" else "ragged"
+
+
 def make_dispatch(backend: str, experts_tk, weights_tk, num_experts: int,
                   capacity_factor: float = 1.25):
   if backend == "ragged":

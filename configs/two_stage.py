@@ -1,0 +1,120 @@
+"""Two-stage distillation of a shared-core student: wrappers only, then everything.
+
+Launch (embedded tiny teacher, CPU, a few minutes):
+  python -m moedistill.train --config=configs/two_stage.py
+A real model (teacher and data paths as overrides):
+  python -m moedistill.train --config=configs/two_stage.py:qwen3_30b_a3b \
+      --config.teacher=/models/Qwen3-30B-A3B \
+      --config.data.train.source=/data/train.jsonl --config.data.eval.source=/data/eval.jsonl
+Any field below can be overridden as --config.<path>=<value>.
+"""
+from pathlib import Path
+
+import ml_collections
+from ml_collections import config_dict
+
+ASSETS = Path(__file__).resolve().parent.parent / "moedistill" / "assets"
+
+
+def _split(source, split="train"):
+  return ml_collections.ConfigDict(dict(
+      source=source,          # local files/globs (json, jsonl, parquet, txt) or a hub name
+      hub_config="",          # hub dataset config name ('' = none)
+      split=split,            # hub dataset split
+      max_rows=0,             # keep only the first N packed rows (0 = all)
+  ))
+
+
+def _stage(steps, groups, **overrides):
+  s = ml_collections.ConfigDict(dict(
+      steps=steps,            # optimizer steps in this stage (or set epochs instead)
+      epochs=0.0,             # passes over the cached train rows (0 = use steps)
+      groups=groups,          # ordered (regex, lr multiplier[, weight decay]); first match wins
+      lr=config_dict.placeholder(float),           # peak LR override (default train.lr)
+      alpha=config_dict.placeholder(float),        # KD weight override (default train.alpha)
+      temperature=config_dict.placeholder(float),  # KD temperature override
+      warmup_steps=config_dict.placeholder(int),   # warmup override
+  ))
+  s.update(overrides)
+  return s
+
+
+def get_config(arg: str = ""):
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/two_stage"         # cache, student_init, checkpoints, export, report go here
+  c.seed = 0                           # data order and any random init
+  c.teacher = str(ASSETS / "tiny_teacher")  # Hugging Face directory of the teacher
+
+  c.data = ml_collections.ConfigDict()
+  c.data.tokenizer = ""                # tokenizer directory ('' = the teacher's)
+  c.data.seq_len = 128                 # packed row length (documents joined with EOS)
+  c.data.text_field = "text"           # column holding the text
+  c.data.train = _split([str(ASSETS / "corpus" / "train.jsonl")])
+  c.data.eval = _split([str(ASSETS / "corpus" / "heldout.jsonl")])
+
+  c.cache = ml_collections.ConfigDict()
+  c.cache.path = ""                    # directory or kvstore URL ('' = <workdir>/cache)
+  c.cache.k = 32                       # teacher top-k kept per token
+  c.cache.temperatures = [1.0, 2.0]    # full-vocab logsumexp stored for each
+  c.cache.rows_per_chunk = 8           # rows per TensorStore chunk (unit of resume)
+  c.cache.chunks_per_step = 2          # chunks per process per teacher forward
+  c.cache.vocab_chunk = 8192           # vocab columns per step of the top-k/logsumexp scan
+  c.cache.codec = "zstd"               # zstd | none (a crc32c checksum is always stored)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = "float32"            # compute dtype (bfloat16 on accelerators)
+  c.model.param_dtype = "float32"      # parameter dtype
+  c.model.moe_backend = "auto"         # auto | ragged | capacity
+  c.model.capacity_factor = 1.25       # capacity backend only
+  c.model.remat = "none"               # none | full: rematerialise each decoder layer
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1 = fill
+
+  c.student = ml_collections.ConfigDict()
+  c.student.init_from = ""             # student checkpoint ('' = <workdir>/student_init, made
+                                       # by compressing the teacher if missing)
+  c.student.rank = 4                   # wrapper rank for gate/up/down
+  c.student.rank_gate = 0              # per-projection overrides (0 = use rank)
+  c.student.rank_up = 0
+  c.student.rank_down = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16              # global rows per optimizer step
+  c.train.micro_batches = 1            # gradient accumulation steps per optimizer step
+  c.train.alpha = 0.9                  # L = (1-alpha) CE + alpha T^2 KL
+  c.train.temperature = 1.0            # must be one of cache.temperatures in bucket mode
+  c.train.kd_mode = "bucket"           # bucket | renormalize | teacher_only
+  c.train.vocab_chunk = 8192           # vocab chunk of the fused loss
+  c.train.lr = 3e-3                    # peak learning rate (x each group's multiplier)
+  c.train.schedule = "cosine"          # cosine | linear | constant after warmup
+  c.train.warmup_steps = 10
+  c.train.min_lr_ratio = 0.1           # final LR / peak LR
+  c.train.weight_decay = 0.0           # AdamW decay (never on norms, biases, embeddings)
+  c.train.clip_norm = 1.0              # global-norm gradient clipping (0 = off)
+  c.train.b1 = 0.9
+  c.train.b2 = 0.99
+  c.train.checkpoint_every = 50        # steps between checkpoints (also at stage ends)
+  c.train.keep = 3                     # checkpoints kept
+  c.train.log_every = 10               # steps between metrics.jsonl lines
+
+  c.stages = ml_collections.ConfigDict()
+  c.stages.wrappers = _stage(120, [(".*wrapper.*", 1.0), (".*", 0.0)])
+  c.stages.all = _stage(120, [(".*embed.*", 0.0), (".*", 1.0)], lr=1e-3)
+
+  if arg == "qwen3_30b_a3b":
+    c.teacher = "Qwen3-30B-A3B"        # set to the local directory of the hub checkpoint
+    c.data.seq_len = 4096
+    c.cache.k = 64
+    c.cache.rows_per_chunk = 16
+    c.cache.chunks_per_step = 1
+    c.model.dtype = "bfloat16"
+    c.student.rank = 128
+    c.train.batch_size = 64
+    c.train.lr = 1e-4
+    c.stages.wrappers.steps = 2000
+    c.stages.all.steps = 8000
+    c.stages.all.lr = 2e-5
+  elif arg:
+    raise ValueError(f"configs/two_stage.py:{arg}: unknown variant, expected '' or "
+                     "'qwen3_30b_a3b'")
+  return c

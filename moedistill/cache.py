@@ -1,0 +1,184 @@
+"""Teacher top-k logit cache in TensorStore (zarr3): layout, metadata and the reader.
+
+At `path` (a directory or kvstore URL):
+  tokens [n, L] int32, segment_ids [n, L] int32, topk_idx [n, L, k] int32,
+  topk_logit [n, L, k] bf16 (raw teacher logits), lse [n, L, s] f32 (full-vocab logsumexp of
+  logits/T for each cached T), done [n_chunks] uint8 (the resume map), metadata.json.
+Arrays are chunked along rows (`rows_per_chunk`); every chunk carries a crc32c checksum, so a
+damaged chunk is detected on read and reported with its rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+from moedistill.errors import UserError
+
+FORMAT = "moedistill-topk-v1"
+CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 * 2**20}})
+IGNORED_FIELDS = ("complete", "stats")  # may differ between an interrupted and a resumed run
+
+
+def kvstore_url(path: str) -> str:
+  url = path if "://" in path else "file://" + os.path.abspath(path)
+  return url.rstrip("/") + "/"
+
+
+def array_layout(meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+  n, L, k, s = meta["rows"], meta["seq_len"], meta["k"], len(meta["temperatures"])
+  return {"tokens": (np.int32, (n, L)), "segment_ids": (np.int32, (n, L)),
+          "topk_idx": (np.int32, (n, L, k)), "topk_logit": (ml_dtypes.bfloat16, (n, L, k)),
+          "lse": (np.float32, (n, L, s)), "done": (np.uint8, (n_chunks(meta),))}
+
+
+def n_chunks(meta) -> int:
+  return -(-meta["rows"] // meta["rows_per_chunk"])
+
+
+def _spec(path, name, dtype, shape, chunk0, codec):
+  codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+  if codec == "zstd":
+    codecs.append({"name": "zstd", "configuration": {"level": 3}})
+  codecs.append({"name": "crc32c"})
+  return {"driver": "zarr3", "kvstore": kvstore_url(path) + name + "/",
+          "metadata": {"shape": list(shape), "data_type": np.dtype(dtype).name,
+                       "chunk_grid": {"name": "regular", "configuration": {
+                           "chunk_shape": [chunk0, *shape[1:]]}},
+                       "codecs": codecs}}
+
+
+def open_arrays(path: str, meta: dict, create: bool = False) -> dict[str, ts.TensorStore]:
+  out, futures = {}, {}
+  for name, (dtype, shape) in array_layout(meta).items():
+    chunk0 = 1 if name == "done" else meta["rows_per_chunk"]
+    spec = _spec(path, name, dtype, shape, chunk0, meta["codec"])
+    if not create:
+      spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
+    futures[name] = ts.open(spec, create=create, context=CONTEXT)
+  for name, f in futures.items():
+    try:
+      out[name] = f.result()
+    except ValueError as e:
+      raise UserError(f"cache {path}: cannot open array {name} "
+                      f"({str(e).splitlines()[0][:160]})") from None
+  return out
+
+
+def kvstore(path: str) -> ts.KvStore:
+  return ts.KvStore.open(kvstore_url(path), context=CONTEXT).result()
+
+
+def read_metadata(path: str) -> dict | None:
+  try:
+    r = kvstore(path).read("metadata.json").result()
+  except ValueError as e:
+    raise UserError(f"cache.path={path}: cannot read ({str(e).splitlines()[0][:160]})") from None
+  if r.state != "value":
+    return None
+  try:
+    return json.loads(r.value)
+  except json.JSONDecodeError:
+    raise UserError(f"cache {path}: metadata.json is corrupted (not valid JSON)") from None
+
+
+def write_metadata(path: str, meta: dict):
+  kvstore(path).write("metadata.json", json.dumps(meta, indent=2).encode()).result()
+
+
+def first_difference(old: dict, new: dict) -> str | None:
+  for key in sorted(set(old) | set(new)):
+    if key not in IGNORED_FIELDS and old.get(key) != new.get(key):
+      return key
+  return None
+
+
+def to_dense(topk_idx_lk, topk_logit_lk, lse_l, vocab_size: int, temperature: float):
+  """Full-vocab teacher distribution [L, V] from a cached row at temperature T: the top-k
+  probabilities exactly, the tail mass spread evenly over the other ids."""
+  z = np.asarray(topk_logit_lk, np.float64) / temperature
+  p_top = np.exp(z - np.asarray(lse_l, np.float64)[:, None])
+  tail = np.clip(1.0 - p_top.sum(-1), 0.0, 1.0)
+  k = topk_idx_lk.shape[-1]
+  dense = np.repeat((tail / max(vocab_size - k, 1))[:, None], vocab_size, axis=1)
+  np.put_along_axis(dense, np.asarray(topk_idx_lk), p_top, axis=1)
+  return dense
+
+
+class CacheReader:
+  """Opens a complete cache; `batch(step)` is a pure function of (seed, step, process)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    meta = read_metadata(path)
+    if meta is None:
+      raise UserError(f"cache {path}: no metadata.json (run python -m moedistill.cache_logits)")
+    if meta.get("format") != FORMAT:
+      raise UserError(f"cache {path}: format={meta.get('format')!r}, expected {FORMAT!r}")
+    if not meta.get("complete"):
+      raise UserError(f"cache {path}: incomplete (a run was interrupted); rerun cache_logits "
+                      "to finish it")
+    self.meta = meta
+    self.arrays = open_arrays(path, meta)
+    self.rows = meta["rows"]
+
+  def validate(self, *, vocab_size: int, seq_len: int, temperature: float | None = None,
+               mode: str = "bucket", tokenizer_hash: str | None = None):
+    m = self.meta
+    checks = [(m["vocab_size"] == vocab_size, f"vocab_size={m['vocab_size']}, the student has "
+               f"{vocab_size}"),
+              (m["seq_len"] == seq_len, f"seq_len={m['seq_len']}, expected {seq_len}"),
+              (tokenizer_hash is None or m["tokenizer_hash"] == tokenizer_hash,
+               "tokenizer_hash differs from the configured tokenizer's")]
+    if temperature is not None and mode == "bucket":
+      checks.append((any(abs(t - temperature) < 1e-9 for t in m["temperatures"]),
+                     f"temperature={temperature} is not cached (cached: {m['temperatures']}); "
+                     "bucket mode needs the full-vocab logsumexp at that temperature"))
+    for ok, msg in checks:
+      if not ok:
+        raise UserError(f"cache {self.path}: {msg}")
+
+  def temperature_index(self, temperature: float) -> int | None:
+    for i, t in enumerate(self.meta["temperatures"]):
+      if abs(t - temperature) < 1e-9:
+        return i
+    return None
+
+  def read_rows(self, idx) -> dict[str, np.ndarray]:
+    idx = np.asarray(idx, np.int64)
+    names = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse")
+    futures = {n: self.arrays[n].oindex[idx].read() for n in names}
+    out = {}
+    for n, f in futures.items():
+      try:
+        out[n] = f.result()
+      except ValueError as e:
+        r = self.meta["rows_per_chunk"]
+        bad = sorted({int(i) // r for i in idx})
+        raise UserError(f"cache {self.path}: array {n} is damaged in a chunk among rows "
+                        f"{[(c * r, c * r + r - 1) for c in bad][:4]} "
+                        f"({str(e).splitlines()[0][:120]}); rebuild with --overwrite") from None
+    return out
+
+  def global_indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """Row ids of the global batch at `step`: epoch-wise permutations, consumed in order."""
+    start = step * batch_size
+    out, pos = [], start
+    while len(out) < batch_size:
+      epoch, off = divmod(pos, self.rows)
+      perm = np.random.default_rng([seed, epoch]).permutation(self.rows)
+      take = perm[off: off + batch_size - len(out)]
+      out.extend(take.tolist())
+      pos += len(take)
+    return np.asarray(out, np.int64)
+
+  def batch(self, step: int, batch_size: int, seed: int, process_index: int = 0,
+            process_count: int = 1) -> dict[str, np.ndarray]:
+    if batch_size % process_count:
+      raise UserError(f"batch_size={batch_size} is not divisible by {process_count} processes")
+    per = batch_size // process_count
+    idx = self.global_indices(step, batch_size, seed)[process_index * per:(process_index + 1) * per]
+    return self.read_rows(idx)

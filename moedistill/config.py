@@ -1,0 +1,189 @@
+"""The one boundary where an ml_collections ConfigDict becomes frozen dataclasses.
+
+Everything past `job_from_config` sees typed, validated values; every check names the
+config field (`config.cache.k=...`) and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from moedistill.data import DataSpec
+from moedistill.errors import ConfigError
+from moedistill.sharding import MeshConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+KD_MODES = ("bucket", "renormalize", "teacher_only")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _check(cond, msg):
+  if not cond:
+    raise ConfigError(msg)
+
+
+def _dtype(name, field):
+  _check(name in DTYPES, f"config.{field}={name!r}: expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def join(base: str, *parts: str) -> str:
+  """Join a local path or a kvstore URL (gs://..., memory://...)."""
+  if "://" in base:
+    return "/".join([base.rstrip("/"), *parts])
+  return str(Path(base, *parts))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+  path: str
+  k: int
+  temperatures: tuple[float, ...]
+  rows_per_chunk: int
+  chunks_per_step: int
+  vocab_chunk: int
+  codec: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRuntimeConfig:
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  moe_backend: str
+  capacity_factor: float
+  remat: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  pattern: str
+  lr_mult: float
+  weight_decay: float | None  # None: the default rule (no decay on norms, biases, embeddings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  steps: int
+  epochs: float
+  groups: tuple[Group, ...]
+  lr: float
+  alpha: float
+  temperature: float
+  warmup_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  batch_size: int
+  micro_batches: int
+  kd_mode: str
+  vocab_chunk: int
+  schedule: str
+  min_lr_ratio: float
+  weight_decay: float
+  clip_norm: float
+  b1: float
+  b2: float
+  checkpoint_every: int
+  keep: int
+  log_every: int
+  stages: tuple[Stage, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  workdir: str
+  seed: int
+  teacher: str
+  train_data: DataSpec
+  eval_data: DataSpec
+  cache: CacheConfig
+  model: ModelRuntimeConfig
+  mesh: MeshConfig
+  student_init: str
+  ranks: tuple[int, int, int]
+  train: TrainConfig
+
+  def cache_path(self, split: str) -> str:
+    return join(self.cache.path, split)
+
+
+def _data(c, split_cfg, tokenizer, field) -> DataSpec:
+  src = split_cfg.source
+  src = (src,) if isinstance(src, str) else tuple(src)
+  _check(len(src) > 0, f"config.data.{field}.source is empty: expected files or a hub name")
+  return DataSpec(source=src, tokenizer=tokenizer, seq_len=c.data.seq_len,
+                  text_field=c.data.text_field, hub_config=split_cfg.hub_config or None,
+                  split=split_cfg.split, max_rows=split_cfg.max_rows)
+
+
+def _cache(c) -> CacheConfig:
+  cc = c.cache
+  temps = tuple(float(t) for t in cc.temperatures)
+  _check(cc.k >= 1, f"config.cache.k={cc.k}: expected >= 1")
+  _check(temps and all(t > 0 for t in temps),
+         f"config.cache.temperatures={list(temps)}: expected positive values")
+  _check(cc.rows_per_chunk >= 1, f"config.cache.rows_per_chunk={cc.rows_per_chunk}: expected >= 1")
+  _check(cc.codec in ("zstd", "none"), f"config.cache.codec={cc.codec!r}: expected zstd or none")
+  return CacheConfig(path=cc.path or join(c.workdir, "cache"), k=cc.k, temperatures=temps,
+                     rows_per_chunk=cc.rows_per_chunk, chunks_per_step=cc.chunks_per_step,
+                     vocab_chunk=cc.vocab_chunk, codec=cc.codec)
+
+
+def _stage(name, s, t) -> Stage:
+  groups = []
+  for g in s.groups:
+    _check(2 <= len(g) <= 3, f"config.stages.{name}.groups: {g!r}, expected "
+           "(pattern, lr_multiplier[, weight_decay])")
+    groups.append(Group(str(g[0]), float(g[1]), None if len(g) < 3 or g[2] is None else float(g[2])))
+  alpha = t.alpha if s.get("alpha") is None else s.alpha
+  temp = t.temperature if s.get("temperature") is None else s.temperature
+  _check(0.0 <= alpha <= 1.0, f"config.stages.{name}.alpha={alpha}: expected a value in [0, 1]")
+  _check(temp > 0, f"config.stages.{name}.temperature={temp}: expected > 0")
+  _check((s.steps > 0) != (s.get("epochs", 0) > 0),
+         f"config.stages.{name}: steps={s.steps}, epochs={s.get('epochs', 0)}; set exactly one")
+  return Stage(name=name, steps=int(s.steps), epochs=float(s.get("epochs", 0) or 0),
+               groups=tuple(groups), lr=float(t.lr if s.get("lr") is None else s.lr),
+               alpha=float(alpha), temperature=float(temp),
+               warmup_steps=int(t.warmup_steps if s.get("warmup_steps") is None
+                                else s.warmup_steps))
+
+
+def _train(c) -> TrainConfig:
+  t = c.train
+  _check(t.kd_mode in KD_MODES, f"config.train.kd_mode={t.kd_mode!r}: expected one of {KD_MODES}")
+  _check(t.schedule in SCHEDULES, f"config.train.schedule={t.schedule!r}: expected one of "
+         f"{SCHEDULES}")
+  _check(t.batch_size >= 1 and t.micro_batches >= 1 and t.batch_size % t.micro_batches == 0,
+         f"config.train.batch_size={t.batch_size}: expected a positive multiple of "
+         f"micro_batches={t.micro_batches}")
+  stages = tuple(_stage(name, s, t) for name, s in c.stages.items())
+  _check(len(stages) > 0, "config.stages is empty: expected at least one stage")
+  return TrainConfig(batch_size=t.batch_size, micro_batches=t.micro_batches, kd_mode=t.kd_mode,
+                     vocab_chunk=t.vocab_chunk, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio,
+                     weight_decay=t.weight_decay, clip_norm=t.clip_norm, b1=t.b1, b2=t.b2,
+                     checkpoint_every=t.checkpoint_every, keep=t.keep, log_every=t.log_every,
+                     stages=stages)
+
+
+def job_from_config(c) -> Job:
+  teacher = os.path.expanduser(c.teacher)
+  tokenizer = c.data.tokenizer or teacher
+  m = c.model
+  st = c.student
+  ranks = tuple(int(st.get(f"rank_{p}") or st.rank) for p in ("gate", "up", "down"))
+  return Job(
+      workdir=c.workdir, seed=c.seed, teacher=teacher,
+      train_data=_data(c, c.data.train, tokenizer, "train"),
+      eval_data=_data(c, c.data.eval, tokenizer, "eval"), cache=_cache(c),
+      model=ModelRuntimeConfig(dtype=_dtype(m.dtype, "model.dtype"),
+                               param_dtype=_dtype(m.param_dtype, "model.param_dtype"),
+                               moe_backend=m.moe_backend, capacity_factor=m.capacity_factor,
+                               remat=m.remat),
+      mesh=MeshConfig(**{a: c.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}),
+      student_init=st.init_from or str(Path(c.workdir, "student_init")), ranks=ranks,
+      train=_train(c))

@@ -1,0 +1,108 @@
+"""Meshes and logical-axis rules; the only module that builds meshes or PartitionSpecs.
+
+Mesh axes: data, fsdp, expert, tensor. Modules name logical axes on their params
+(`logical_axes` metadata); RULES maps each to a mesh axis. Batches shard their leading dim
+over data x fsdp x expert. A dim that an axis does not divide stays replicated on that axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moedistill.errors import ConfigError
+
+AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
+RULES = {
+    "embed": "fsdp", "vocab": "tensor", "q_heads": "tensor", "kv_heads": "tensor",
+    "mlp": "tensor", "expert_mlp": "tensor", "expert": "expert", "norm": None, None: None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1  # -1: all devices left over by the other axes
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+
+  def shape(self, n_devices: int) -> tuple[int, ...]:
+    sizes = [getattr(self, a) for a in AXES]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+      raise ConfigError(f"mesh={dict(zip(AXES, sizes))}: expected positive sizes, at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+      if n_devices % known:
+        raise ConfigError(f"mesh={dict(zip(AXES, sizes))}: {n_devices} devices are not "
+                          f"divisible by {known}")
+      sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+      raise ConfigError(f"mesh={dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
+                        f"{n_devices} available")
+    return tuple(sizes)
+
+
+def make_mesh(mc: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+  devices = devices if devices is not None else jax.devices()
+  shape = mc.shape(len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def spec_for(shape, logical_axes, mesh: Mesh) -> P:
+  used, out = set(), []
+  for dim, name in zip(shape, logical_axes or (None,) * len(shape)):
+    axis = RULES.get(name)
+    if axis is None or axis in used or dim % mesh.shape[axis]:
+      out.append(None)
+    else:
+      used.add(axis)
+      out.append(axis)
+  return P(*out)
+
+
+def state_shardings(state, mesh: Mesh):
+  """NamedSharding for every Variable of an (abstract) NNX state, from its logical_axes."""
+  def one(v):
+    axes = v.get_metadata().get("logical_axes") if hasattr(v, "get_metadata") else None
+    return v.replace(NamedSharding(mesh, spec_for(v.shape, axes, mesh)))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def sharded_put(mesh: Mesh):
+  """For hf.load_model: place each host array straight into its sharding (each process
+  copies only the slices its devices hold)."""
+  def put(var, arr: np.ndarray) -> jax.Array:
+    axes = var.get_metadata().get("logical_axes")
+    s = NamedSharding(mesh, spec_for(arr.shape, axes, mesh))
+    return jax.make_array_from_callback(arr.shape, s, lambda idx: arr[idx])
+  return put
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def global_batch(mesh: Mesh, local_np: np.ndarray) -> jax.Array:
+  """Assemble this process's rows into the global batch array (multi-process safe)."""
+  return jax.make_array_from_process_local_data(batch_sharding(mesh, local_np.ndim), local_np)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in order, deduplicated over replicas."""
+  shards = {}
+  for s in x.addressable_shards:
+    shards.setdefault(s.index[0].start or 0, s.data)
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)

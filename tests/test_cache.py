@@ -1,0 +1,125 @@
+"""Teacher cache: matches a PyTorch oracle, resumes after SIGKILL to identical arrays, refuses
+mismatched metadata, and reads batches as a pure function of (seed, step)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import job_config, run_cli, write_config_file
+from moedistill import cache
+from moedistill.cache_logits import build_cache
+from moedistill.config import job_from_config
+from moedistill.errors import UserError
+
+NAMES = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse", "done")
+
+
+def read_all(path):
+  meta = cache.read_metadata(path)
+  arrs = cache.open_arrays(path, meta)
+  return meta, {n: arrs[n].read().result() for n in NAMES}
+
+
+def test_cache_matches_pytorch_oracle(tmp_path, teacher_dir):
+  import torch
+  path, torch_model = teacher_dir
+  job = job_from_config(job_config(tmp_path, path))
+  out = build_cache(job, "train", progress=False)
+  meta, a = read_all(out)
+  assert meta["complete"] and a["done"].all()
+  checked = 0
+  for r in range(0, meta["rows"], 7):
+    for s in np.unique(a["segment_ids"][r]):
+      if s == 0:
+        continue
+      cols = np.flatnonzero(a["segment_ids"][r] == s)
+      with torch.no_grad():  # each packed document alone, from position 0
+        z = torch_model(torch.tensor(a["tokens"][r, cols][None])).logits[0].double().numpy()
+      order = np.argsort(-z, axis=-1, kind="stable")[:, :meta["k"]]
+      ref_v = np.take_along_axis(z, order, -1)
+      got_i, got_v = a["topk_idx"][r, cols], a["topk_logit"][r, cols].astype(np.float64)
+      # Ids exact unless the reference itself has a near-tie at that rank.
+      gaps = np.abs(np.diff(np.sort(z, -1)[:, ::-1][:, :meta["k"] + 1], axis=-1))
+      gaps = np.concatenate([np.full_like(gaps[:, :1], np.inf), gaps], axis=1)
+      tie = np.minimum(gaps[:, :-1], gaps[:, 1:]) < 1e-5
+      assert ((got_i == order) | tie).all()
+      np.testing.assert_allclose(got_v, ref_v, rtol=2 ** -8, atol=1e-6)  # bf16 rounding
+      for j, t in enumerate(meta["temperatures"]):
+        ref_lse = np.log(np.exp(z / t - (z / t).max(-1, keepdims=True)).sum(-1)) + (
+            z / t).max(-1)
+        np.testing.assert_allclose(a["lse"][r, cols, j], ref_lse, rtol=1e-5)
+      checked += len(cols)
+  assert checked > 100
+
+
+def test_reader_batches_and_to_dense(tmp_path, teacher_dir):
+  path, _ = teacher_dir
+  job = job_from_config(job_config(tmp_path, path))
+  reader = cache.CacheReader(build_cache(job, "train", progress=False))
+  n = reader.rows
+  b1, b2 = reader.batch(3, 8, seed=5), reader.batch(3, 8, seed=5)
+  for k in b1:
+    np.testing.assert_array_equal(b1[k], b2[k])
+  # Per-process slices tile the global batch; an epoch covers every row once.
+  halves = [reader.batch(3, 8, 5, p, 2)["tokens"] for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate(halves), b1["tokens"])
+  steps = n // 5
+  seen = np.concatenate([reader.global_indices(s, 5, 0) for s in range(steps)])
+  assert len(set(seen.tolist())) == len(seen) == steps * 5
+  assert not np.array_equal(reader.global_indices(0, n, 0), reader.global_indices(1, n, 0))
+  dense = cache.to_dense(b1["topk_idx"][0], b1["topk_logit"][0], b1["lse"][0, :, 0], 64, 1.0)
+  np.testing.assert_allclose(dense.sum(-1), 1.0, atol=1e-6)
+  reader.validate(vocab_size=64, seq_len=16, temperature=2.0)
+  with pytest.raises(UserError, match="temperature=3.0 is not cached"):
+    reader.validate(vocab_size=64, seq_len=16, temperature=3.0)
+  with pytest.raises(UserError, match="vocab_size=64, the student has 65"):
+    reader.validate(vocab_size=65, seq_len=16)
+
+
+def test_memory_kvstore(tmp_path, teacher_dir):
+  path, _ = teacher_dir
+  job = job_from_config(job_config(tmp_path, path, **{"cache.path": "memory://tcache"}))
+  out = build_cache(job, "eval", progress=False)
+  assert out == "memory://tcache/eval"
+  assert cache.CacheReader(out).rows > 0
+
+
+def test_kill_and_resume_identical(tmp_path, teacher_dir):
+  path, _ = teacher_dir
+  (tmp_path / "ref").mkdir()
+  over = {"cache.chunks_per_step": 2, "cache.rows_per_chunk": 2}
+  ref_job = job_from_config(job_config(tmp_path / "ref", path, train_docs=600, **over))
+  _, ref = read_all(build_cache(ref_job, "train", progress=False))
+  cfg = write_config_file(tmp_path, job_config(tmp_path, path, train_docs=600, **over))
+  rng = np.random.default_rng(0)
+  killed, progress = 0, []
+  train = str(tmp_path / "run" / "cache" / "train")
+  total = len(ref["done"])
+
+  def n_done():
+    meta = cache.read_metadata(train)
+    return 0 if meta is None else int(cache.open_arrays(train, meta)["done"].read().result().sum())
+
+  for attempt in range(5):  # kill at seeded random points of progress
+    target = n_done() + int(rng.integers(20, total // 6))
+    p = subprocess.Popen([sys.executable, "-m", "moedistill.cache_logits", f"--config={cfg}",
+                          "--split=train"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while p.poll() is None and n_done() < target:
+      time.sleep(0.02)
+    if p.poll() is None:
+      p.send_signal(signal.SIGKILL)
+      killed += 1
+    p.wait()
+    progress.append(n_done())
+  print("done chunks after each kill:", progress, "of", total)
+  done = run_cli("moedistill.cache_logits", f"--config={cfg}", "--split=train")
+  assert done.returncode == 0, done.stderr
+  assert killed >= 4 and 0 < progress[0] < progress[-1] < total, progress
+  meta, got = read_all(str(tmp_path / "run" / "cache" / "train"))
+  assert meta["complete"]
+  for n in NAMES[:-1]:
+    np.testing.assert_array_equal(got[n], ref[n], err_msg=n)
