@@ -63,8 +63,8 @@ def open_arrays(path: str, meta: dict, create: bool = False) -> dict[str, ts.Ten
     try:
       out[name] = f.result()
     except ValueError as e:
-      raise UserError(f"cache {path}: cannot open array {name} "
-                      f"({str(e).splitlines()[0][:160]})") from None
+      raise UserError(f"cache.path={path}: cannot {'create' if create else 'open'} array "
+                      f"{name} ({str(e).splitlines()[0][:160]})") from None
   return out
 
 
@@ -90,7 +90,7 @@ def write_metadata(path: str, meta: dict):
 
 
 def first_difference(old: dict, new: dict) -> str | None:
-  for key in sorted(set(old) | set(new)):
+  for key in list(new) + [k for k in old if k not in new]:  # the writer's field order
     if key not in IGNORED_FIELDS and old.get(key) != new.get(key):
       return key
   return None

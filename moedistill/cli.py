@@ -6,10 +6,9 @@ Multi-host: pass --coordinator=HOST:PORT --num_processes=N --process_id=I to eve
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from moedistill.errors import UserError
@@ -41,8 +40,8 @@ def init_distributed():
   import jax
   if not FLAGS.coordinator:
     return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # CPU processes need a collectives implementation (only the CPU client reads this).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if FLAGS.coordinator == "auto":
     jax.distributed.initialize()
   else:
@@ -64,6 +63,7 @@ def run(main, extra_flags=()):
   define_flags(extra_flags)
 
   def wrapped(argv):
+    logging.set_verbosity(logging.WARNING)  # keep stderr for what the user must read
     try:
       main(argv)
     except UserError as e:

@@ -74,6 +74,8 @@ def _sha(*parts) -> str:
 def load_texts(spec: DataSpec) -> tuple[list[str], str]:
   """Returns (documents, source fingerprint)."""
   import datasets
+  datasets.disable_progress_bars()
+  datasets.logging.set_verbosity_error()
   files = _local_files(spec.source)
   if files is None:
     ds = datasets.load_dataset(spec.source[0], spec.hub_config, split=spec.split)

@@ -123,3 +123,36 @@ def test_kill_and_resume_identical(tmp_path, teacher_dir):
   assert meta["complete"]
   for n in NAMES[:-1]:
     np.testing.assert_array_equal(got[n], ref[n], err_msg=n)
+
+
+def free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_two_processes(module, cfg, *args, timeout=300):
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", module, f"--config={cfg}", f"--coordinator=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}", *args],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=timeout) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def test_two_processes_make_the_same_cache(tmp_path, teacher_dir):
+  path, _ = teacher_dir
+  over = {"cache.chunks_per_step": 1, "cache.rows_per_chunk": 4}
+  (tmp_path / "one").mkdir()
+  one = job_from_config(job_config(tmp_path / "one", path, **over))
+  _, ref = read_all(build_cache(one, "train", progress=False))
+  cfg = write_config_file(tmp_path, job_config(tmp_path, path, **over))
+  run_two_processes("moedistill.cache_logits", cfg, "--split=train")
+  meta, got = read_all(str(tmp_path / "run" / "cache" / "train"))
+  assert meta["complete"]
+  for n in NAMES:
+    np.testing.assert_array_equal(got[n], ref[n], err_msg=n)
