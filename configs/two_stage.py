@@ -84,7 +84,7 @@ def get_config(arg: str = ""):
   c.train.alpha = 0.9                  # L = (1-alpha) CE + alpha T^2 KL
   c.train.temperature = 1.0            # must be one of cache.temperatures in bucket mode
   c.train.kd_mode = "bucket"           # bucket | renormalize | teacher_only
-  c.train.vocab_chunk = 8192           # vocab chunk of the fused loss
+  c.train.vocab_chunk = 4096           # vocab chunk of the fused loss (memory ~ tokens x chunk)
   c.train.lr = 3e-3                    # peak learning rate (x each group's multiplier)
   c.train.schedule = "cosine"          # cosine | linear | constant after warmup
   c.train.warmup_steps = 10

@@ -14,40 +14,38 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moedistill.vocab_scan import chunk_logits, chunked_kernel, online_lse_update
+from moedistill.vocab_scan import chunk_logits, online_lse_update, scan_vocab
 
 
-def _gather_in_chunk(z_nc, ids_nk, c_idx, chunk):
-  """z at global ids that fall in this chunk, else 0; and the in-chunk mask."""
-  local = ids_nk - c_idx * chunk
-  inside = (local >= 0) & (local < chunk)
-  got = jnp.take_along_axis(z_nc, jnp.clip(local, 0, chunk - 1), axis=1)
+def _gather_in_chunk(z_nc, ids_nk, start):
+  """z at global ids that fall in this slice, else 0."""
+  c = z_nc.shape[1]
+  local = ids_nk - start
+  inside = (local >= 0) & (local < c)
+  got = jnp.take_along_axis(z_nc, jnp.clip(local, 0, c - 1), axis=1)
   return jnp.where(inside, got, 0.0)
 
 
 def _forward(h_nd, w_dv, idx_nk, label_n, temperature, chunk):
   n = h_nd.shape[0]
-  w_cdc, v = chunked_kernel(w_dv, chunk)
   ids = jnp.concatenate([idx_nk, label_n[:, None]], axis=1)
 
-  def body(carry, xs):
+  def fn(carry, w_dc, start):
     mt, st, m1, s1, gathered, best_v, best_i = carry
-    c_idx, w_dc = xs
-    z, vocab_ids = chunk_logits(h_nd, w_dc, c_idx, chunk, v)
+    z, vocab_ids = chunk_logits(h_nd, w_dc, start)
     mt, st = online_lse_update(mt, st, z / temperature)
     m1, s1 = online_lse_update(m1, s1, z)
-    gathered = gathered + _gather_in_chunk(z, ids, c_idx, chunk)
+    gathered = gathered + _gather_in_chunk(z, ids, start)
     cmax, carg = jnp.max(z, axis=1), jnp.argmax(z, axis=1)
     better = cmax > best_v  # strict: ties keep the lower id, as a dense argmax
     best_i = jnp.where(better, vocab_ids[carg], best_i)
-    return (mt, st, m1, s1, gathered, jnp.maximum(best_v, cmax), best_i), None
+    return mt, st, m1, s1, gathered, jnp.maximum(best_v, cmax), best_i
 
   f32 = jnp.float32
   init = (jnp.full((n,), -jnp.inf, f32), jnp.zeros((n,), f32), jnp.full((n,), -jnp.inf, f32),
           jnp.zeros((n,), f32), jnp.zeros(ids.shape, f32), jnp.full((n,), -jnp.inf, f32),
           jnp.zeros((n,), jnp.int32))
-  xs = (jnp.arange(w_cdc.shape[0], dtype=jnp.int32), w_cdc)
-  (mt, st, m1, s1, gathered, _, best_i), _ = jax.lax.scan(body, init, xs)
+  mt, st, m1, s1, gathered, _, best_i = scan_vocab(fn, init, w_dv, chunk)
   return {"lse_t": mt + jnp.log(st), "lse_1": m1 + jnp.log(s1), "s_topk": gathered[:, :-1],
           "s_label": gathered[:, -1], "argmax": best_i}
 
@@ -65,28 +63,28 @@ def _fwd(h_nd, w_dv, idx_nk, label_n, temperature, chunk):
 def _bwd(temperature, chunk, res, ct):
   h_nd, w_dv, idx_nk, label_n, lse_t, lse_1 = res
   n, d = h_nd.shape
-  w_cdc, v = chunked_kernel(w_dv, chunk)
   ids = jnp.concatenate([idx_nk, label_n[:, None]], axis=1)
   ct_ids = jnp.concatenate([ct["s_topk"], ct["s_label"][:, None]], axis=1).astype(jnp.float32)
   ct_t, ct_1 = ct["lse_t"].astype(jnp.float32), ct["lse_1"].astype(jnp.float32)
   rows = jnp.broadcast_to(jnp.arange(n)[:, None], ids.shape)
 
-  def body(dh, xs):
-    c_idx, w_dc = xs
-    z, _ = chunk_logits(h_nd, w_dc, c_idx, chunk, v)
+  def fn(carry, w_dc, start):
+    dh, dw = carry
+    z, _ = chunk_logits(h_nd, w_dc, start)
     g = (ct_t[:, None] / temperature) * jnp.exp(z / temperature - lse_t[:, None])
     g = g + ct_1[:, None] * jnp.exp(z - lse_1[:, None])
-    local = ids - c_idx * chunk
-    local = jnp.where((local >= 0) & (local < chunk), local, chunk)  # out of chunk: dropped
+    c = w_dc.shape[1]
+    local = ids - start
+    local = jnp.where((local >= 0) & (local < c), local, c)  # out of slice: dropped
     g = g.at[rows, local].add(ct_ids, mode="drop")
-    dh = dh + jnp.dot(g, w_dc.astype(jnp.float32).T)
-    dw_dc = jnp.dot(h_nd.astype(jnp.float32).T, g)
-    return dh, dw_dc
+    dh = dh + jnp.dot(g.astype(h_nd.dtype), w_dc.T.astype(h_nd.dtype),
+                      preferred_element_type=jnp.float32)
+    dw_dc = jnp.dot(h_nd.T, g.astype(h_nd.dtype), preferred_element_type=jnp.float32)
+    # Each column belongs to one slice: casting per slice loses nothing.
+    return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_dc.astype(dw.dtype), start, axis=1)
 
-  xs = (jnp.arange(w_cdc.shape[0], dtype=jnp.int32), w_cdc)
-  dh, dw_cdc = jax.lax.scan(body, jnp.zeros((n, d), jnp.float32), xs)
-  dw = dw_cdc.transpose(1, 0, 2).reshape(d, -1)[:, :v]
-  return (dh.astype(h_nd.dtype), dw.astype(w_dv.dtype), None, None)
+  dh, dw = scan_vocab(fn, (jnp.zeros((n, d), jnp.float32), jnp.zeros_like(w_dv)), w_dv, chunk)
+  return (dh.astype(h_nd.dtype), dw, None, None)
 
 
 vocab_stats.defvjp(_fwd, _bwd)
