@@ -1,0 +1,87 @@
+"""Evaluate a checkpoint (HF or native) against a cache's rows: perplexity, KL to the teacher
+(bucket mode), top-1 agreement with the teacher.
+
+CLI: python -m moedistill.evaluate --checkpoint=DIR --cache=PATH [--temperature=1.0]
+     [--batch_size=8] [--max_rows=0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moedistill import hf, loss
+from moedistill.cache import CacheReader
+from moedistill.errors import UserError, cli_main
+from moedistill.fused_stats import vocab_stats
+from moedistill.train_step import labels_and_mask
+
+
+def make_eval_fn(model, temperature: float, t_index: int, chunk: int = 4096):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fn(state, batch):
+    m = nnx.merge(graphdef, state)
+    tokens, segs = batch["tokens"], batch["segment_ids"]
+    labels, mask = labels_and_mask(tokens, segs)
+    h, _ = m.hidden(tokens, segs)
+    b, t, d = h.shape
+    k = batch["topk_idx"].shape[-1]
+    idx = batch["topk_idx"].reshape(b * t, k)
+    stats = vocab_stats(h.reshape(b * t, d), m.lm_head_kernel(), idx, labels.reshape(-1),
+                        temperature, chunk)
+    _, sums = loss.loss_from_stats(stats, idx, batch["topk_logit"].reshape(b * t, k),
+                                   batch["lse"][..., t_index].reshape(-1), mask.reshape(-1),
+                                   alpha=1.0, temperature=temperature, mode="bucket")
+    return sums
+
+  return lambda batch: fn(state, batch)
+
+
+def evaluate_model(model, reader: CacheReader, *, temperature: float = 1.0,
+                   batch_size: int = 8, max_rows: int = 0) -> dict:
+  t_index = reader.temperature_index(temperature)
+  if t_index is None:
+    raise UserError(f"evaluate: temperature={temperature} is not cached in {reader.path} "
+                    f"(cached: {reader.meta['temperatures']})")
+  reader.validate(vocab_size=model.config.vocab_size, seq_len=reader.meta["seq_len"])
+  fn = make_eval_fn(model, temperature, t_index)
+  n = min(reader.rows, max_rows) if max_rows else reader.rows
+  totals: dict[str, float] = {}
+  for lo in range(0, n, batch_size):
+    real = np.arange(lo, min(lo + batch_size, n))
+    rows = reader.read_rows(np.pad(real, (0, batch_size - len(real)), mode="edge"))
+    rows["segment_ids"][len(real):] = 0  # fixed batch shape; padding rows count for nothing
+    sums = jax.device_get(fn({k: jnp.asarray(v) for k, v in rows.items()}))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  tok = max(totals["tokens"], 1.0)
+  return {"ppl": math.exp(totals["ce"] / tok), "ce": totals["ce"] / tok,
+          "kl": totals["kl"] / tok, "top1_agreement": totals["top1_agreement"] / tok,
+          "tokens": int(totals["tokens"]), "temperature": temperature}
+
+
+@cli_main
+def main(argv=None):
+  ap = argparse.ArgumentParser(prog="python -m moedistill.evaluate", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--checkpoint", required=True, help="HF or native checkpoint directory")
+  ap.add_argument("--cache", required=True, help="cache path (e.g. <workdir>/cache/eval)")
+  ap.add_argument("--temperature", type=float, default=1.0)
+  ap.add_argument("--batch_size", type=int, default=8)
+  ap.add_argument("--max_rows", type=int, default=0)
+  a = ap.parse_args(argv)
+  model, _ = hf.load_model(a.checkpoint)
+  out = evaluate_model(model, CacheReader(a.cache), temperature=a.temperature,
+                       batch_size=a.batch_size, max_rows=a.max_rows)
+  print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,58 @@
+"""The before/after report: teacher, zero-shot student and distilled student on held-out rows,
+as a table, <workdir>/report.json and a PNG of the loss curves per stage."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moedistill import hf
+from moedistill.cache import CacheReader
+from moedistill.config import Job
+from moedistill.evaluate import evaluate_model
+
+ROWS = (("teacher", "teacher"), ("student_init", "zero-shot student"),
+        ("student_distilled", "distilled student"))
+
+
+def write_report(job: Job) -> dict:
+  workdir = Path(job.workdir)
+  reader = CacheReader(job.cache_path("eval"))
+  temperature = 1.0 if reader.temperature_index(1.0) is not None else reader.meta["temperatures"][0]
+  paths = {"teacher": job.teacher, "student_init": job.student_init,
+           "student_distilled": workdir / "export"}
+  report = {}
+  for key, path in paths.items():
+    model, _ = hf.load_model(path, dtype=job.model.dtype, param_dtype=job.model.param_dtype,
+                             moe_backend=job.model.moe_backend)
+    report[key] = evaluate_model(model, reader, temperature=temperature)
+  print(f"{'held-out':<20} {'ppl':>9} {'KL to teacher':>14} {'top-1 agree':>12}")
+  for key, name in ROWS:
+    r = report[key]
+    print(f"{name:<20} {r['ppl']:>9.3f} {r['kl']:>14.4f} {r['top1_agreement']:>12.3f}")
+  (workdir / "report.json").write_text(json.dumps(report, indent=2))
+  plot_losses(workdir)
+  return report
+
+
+def plot_losses(workdir: Path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  f = workdir / "metrics.jsonl"
+  if not f.exists():
+    return
+  rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for stage in dict.fromkeys(r["stage"] for r in rows):
+    pts = sorted({r["global_step"]: r for r in rows if r["stage"] == stage}.values(),
+                 key=lambda r: r["global_step"])
+    for key, style in (("loss", "-"), ("kl", "--")):
+      ax.plot([r["global_step"] for r in pts], [r[key] for r in pts], style,
+              label=f"{stage} {key}")
+  ax.set_xlabel("global step")
+  ax.set_ylabel("train loss / KL")
+  ax.set_yscale("log")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(workdir / "loss_curves.png", dpi=100)
+  plt.close(fig)

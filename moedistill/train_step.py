@@ -1,0 +1,104 @@
+"""The pure, jitted distillation step: fused KD loss + router aux, micro-batching, optax.
+
+Legend: b rows, t positions, d hidden, k cached top-k, m micro-batches.
+Params are split into `trainable` and `frozen` dicts; only `trainable` is differentiated and
+has optimizer state. The loss of a micro-batch is its sum over valid tokens divided by the
+global batch's count, so micro-batches and shards add up to the same mean.
+The router load-balancing loss is computed per micro-batch (as transformers does with
+gradient accumulation) and averaged over micro-batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from moedistill import loss, params as P
+from moedistill.fused_stats import vocab_stats
+
+BATCH_KEYS = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  alpha: float
+  temperature: float
+  mode: str
+  t_index: int | None      # column of the cached lse at this temperature (None: not cached)
+  vocab_chunk: int
+  micro_batches: int
+  aux_coef: float
+  top_k: int               # experts per token (for the aux loss)
+
+
+def labels_and_mask(tokens_bt, segs_bt):
+  labels = jnp.concatenate([tokens_bt[:, 1:], jnp.zeros_like(tokens_bt[:, :1])], axis=1)
+  same = (segs_bt[:, 1:] == segs_bt[:, :-1]) & (segs_bt[:, :-1] > 0)
+  return labels, jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1)
+
+
+def teacher_lse(batch, sc: StepConfig):
+  if sc.t_index is not None:
+    return batch["lse"][..., sc.t_index]
+  # T not cached (renormalize / teacher_only modes): the top-k alone normalise the teacher.
+  return jax.nn.logsumexp(batch["topk_logit"].astype(jnp.float32) / sc.temperature, axis=-1)
+
+
+def micro_loss(model, batch, n_valid, sc: StepConfig):
+  """(loss contribution, metric sums) of one micro-batch."""
+  tokens, segs = batch["tokens"], batch["segment_ids"]
+  labels, mask = labels_and_mask(tokens, segs)
+  h_btd, aux = model.hidden(tokens, segs)
+  b, t, d = h_btd.shape
+  k = batch["topk_idx"].shape[-1]
+  idx = batch["topk_idx"].reshape(b * t, k)
+  stats = vocab_stats(h_btd.reshape(b * t, d), model.lm_head_kernel(), idx,
+                      labels.reshape(-1), sc.temperature, sc.vocab_chunk)
+  loss_sum, sums = loss.loss_from_stats(
+      stats, idx, batch["topk_logit"].reshape(b * t, k), teacher_lse(batch, sc).reshape(-1),
+      mask.reshape(-1), alpha=sc.alpha, temperature=sc.temperature, mode=sc.mode)
+  aux_loss = loss.router_aux_loss(aux["router_logits"], segs > 0, sc.top_k)
+  sums = {**sums, "router_aux": aux_loss, "moe_dropped": aux["dropped"].astype(jnp.float32)}
+  return loss_sum / n_valid + sc.aux_coef * aux_loss / sc.micro_batches, sums
+
+
+def split_micro(batch, m: int):
+  """[b, ...] -> [m, b/m, ...], row r to micro-batch r % m (each shard feeds every one)."""
+  def one(x):
+    return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+  return jax.tree.map(one, batch)
+
+
+def make_train_step(graphdef, template, tx: optax.GradientTransformation, sc: StepConfig):
+  def loss_fn(trainable, frozen, mb, n_valid):
+    model = P.merge(graphdef, template, {**trainable, **frozen})
+    return micro_loss(model, mb, n_valid, sc)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(trainable, frozen, opt_state, batch):
+    _, mask = labels_and_mask(batch["tokens"], batch["segment_ids"])
+    n_valid = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    if sc.micro_batches == 1:
+      (total, sums), grads = grad_fn(trainable, frozen, batch, n_valid)
+    else:
+      def body(carry, mb):
+        g_acc, t_acc, s_acc = carry
+        (tl, s), g = grad_fn(trainable, frozen, mb, n_valid)
+        return (jax.tree.map(jnp.add, g_acc, g), t_acc + tl, jax.tree.map(jnp.add, s_acc, s)), None
+      zeros_g = jax.tree.map(jnp.zeros_like, trainable)
+      mbs = split_micro(batch, sc.micro_batches)
+      zeros_s = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], mbs), n_valid)[0][1]))
+      (grads, total, sums), _ = jax.lax.scan(body, (zeros_g, 0.0, zeros_s), mbs)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = loss.finalize(sums["kd_total"], {k: v for k, v in sums.items()
+                                               if k not in ("router_aux", "moe_dropped")})[1]
+    metrics.update(loss=total, router_aux=sums["router_aux"] / sc.micro_batches,
+                   moe_dropped=sums["moe_dropped"], grad_norm=optax.global_norm(grads))
+    return trainable, opt_state, metrics
+
+  return step

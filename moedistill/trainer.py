@@ -1,0 +1,180 @@
+"""The stage loop: optimizer per stage, sharded jitted steps, prefetch, logging, checkpoints,
+exact resume, SIGTERM and non-finite-loss handling."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from moedistill import optim, params as P, sharding
+from moedistill.cache import CacheReader
+from moedistill.checkpoint import Checkpoints, abstract_like
+from moedistill.config import Job, Stage
+from moedistill.errors import UserError
+from moedistill.train_step import BATCH_KEYS, StepConfig, make_train_step
+
+
+def stage_steps(stage: Stage, rows: int, batch_size: int) -> int:
+  return stage.steps or max(1, math.ceil(stage.epochs * rows / batch_size))
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was written."""
+
+
+class Logger:
+  def __init__(self, workdir: Path, enabled: bool):
+    self.enabled = enabled
+    self.file = open(workdir / "metrics.jsonl", "a") if enabled else None
+    self.tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def log(self, row: dict):
+    if not self.enabled:
+      return
+    self.file.write(json.dumps(row) + "\n")
+    self.file.flush()
+    for k, v in row.items():
+      if isinstance(v, float):
+        self.tb.add_scalar(f"{row['stage']}/{k}", v, row["global_step"])
+
+  def close(self):
+    if self.enabled:
+      self.file.close()
+      self.tb.close()
+
+
+class Trainer:
+  def __init__(self, job: Job, model, reader: CacheReader, mesh, *, progress: bool = True):
+    self.job, self.reader, self.mesh, self.progress = job, reader, mesh, progress
+    self.graphdef, self.template, self.params = P.split(model)
+    self.cfg = model.config
+    self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
+    self.workdir = Path(job.workdir)
+    self.ckpt = Checkpoints(self.workdir / "checkpoints", keep=job.train.keep)
+    self.steps = [stage_steps(s, reader.rows, job.train.batch_size) for s in job.train.stages]
+    self.offsets = np.concatenate([[0], np.cumsum(self.steps)]).astype(int).tolist()
+    self.sigterm = False
+    self.pool = concurrent.futures.ThreadPoolExecutor(1)
+    self.logger = Logger(self.workdir, jax.process_index() == 0)
+
+  # --- optimizer / state per stage -------------------------------------------------------
+  def _stage_setup(self, i: int):
+    stage, tc = self.job.train.stages[i], self.job.train
+    tx, trainable_paths, rows = optim.build(stage, tc, self.shapes, self.steps[i])
+    return stage, tx, set(trainable_paths), rows
+
+  def _split(self, trainable_paths):
+    tr = {k: v for k, v in self.params.items() if k in trainable_paths}
+    fr = {k: v for k, v in self.params.items() if k not in trainable_paths}
+    return tr, fr
+
+  def _abstract_for(self, meta):
+    _, tx, paths, _ = self._stage_setup(meta["stage"])
+    tr, _ = self._split(paths)
+    return {"params": abstract_like(self.params),
+            "opt_state": abstract_like(jax.jit(tx.init)(tr))}
+
+  def restore(self):
+    """(stage index, step in stage, opt_state or None) to continue from."""
+    got = self.ckpt.restore_latest(self._abstract_for)
+    if got is None:
+      return 0, 0, None
+    step, meta, state = got
+    self.params = dict(state["params"])
+    print(f"resumed from {self.ckpt.dir / str(step)} (stage {meta['stage']}, step "
+          f"{meta['step_in_stage']})")
+    if meta["step_in_stage"] >= self.steps[meta["stage"]]:
+      return meta["stage"] + 1, 0, None
+    return meta["stage"], meta["step_in_stage"], state["opt_state"]
+
+  # --- the loop ---------------------------------------------------------------------------
+  def _batch(self, g: int):
+    tc = self.job.train
+    return self.reader.batch(g, tc.batch_size, self.job.seed, jax.process_index(),
+                             jax.process_count())
+
+  def _step_config(self, stage: Stage) -> StepConfig:
+    tc = self.job.train
+    return StepConfig(alpha=stage.alpha, temperature=stage.temperature, mode=tc.kd_mode,
+                      t_index=self.reader.temperature_index(stage.temperature),
+                      vocab_chunk=tc.vocab_chunk, micro_batches=tc.micro_batches,
+                      aux_coef=self.cfg.router_aux_loss_coef,
+                      top_k=self.cfg.num_experts_per_tok)
+
+  def run(self):
+    """Runs every remaining stage; returns the final params dict."""
+    old = signal.signal(signal.SIGTERM, self._on_sigterm)
+    try:
+      i, s0, opt_state = self.restore()
+      for i in range(i, len(self.steps)):
+        self._run_stage(i, s0, opt_state)
+        s0, opt_state = 0, None
+      self.ckpt.wait()
+      return self.params
+    finally:
+      signal.signal(signal.SIGTERM, old)
+      self.ckpt.close()
+      self.logger.close()
+
+  def _on_sigterm(self, *_):
+    self.sigterm = True
+
+  def _run_stage(self, i: int, s0: int, opt_state):
+    stage, tx, paths, rows = self._stage_setup(i)
+    if jax.process_index() == 0:
+      print(optim.format_table(stage, rows), flush=True)
+    trainable, frozen = self._split(paths)
+    if opt_state is None:
+      opt_state = jax.jit(tx.init)(trainable)
+    shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+    step_fn = jax.jit(make_train_step(self.graphdef, self.template, tx,
+                                      self._step_config(stage)),
+                      donate_argnums=(0, 2),
+                      out_shardings=(shard_of(trainable), shard_of(opt_state),
+                                     sharding.replicated(self.mesh)))
+    sched = optim.schedule(stage, self.job.train, self.steps[i])
+    n, off = self.steps[i], self.offsets[i]
+    tokens_per_step = self.job.train.batch_size * self.reader.meta["seq_len"]
+    bar = tqdm(total=n, initial=s0, desc=f"stage {stage.name}", unit="step",
+               disable=not (self.progress and jax.process_index() == 0), mininterval=1.0)
+    nxt = self.pool.submit(self._batch, off + s0)
+    t0 = time.time()
+    for s in range(s0, n):
+      local = nxt.result()
+      if s + 1 < n:
+        nxt = self.pool.submit(self._batch, off + s + 1)  # read ahead while this step runs
+      batch = {k: sharding.global_batch(self.mesh, local[k]) for k in BATCH_KEYS}
+      trainable, opt_state, m = step_fn(trainable, frozen, opt_state, batch)
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      if not np.isfinite(m["loss"]):
+        last = self.ckpt.steps()
+        raise UserError(f"loss is {m['loss']} at stage {stage.name} step {s + 1} (global "
+                        f"{off + s + 1}); stopped; last good checkpoint: "
+                        f"{last[-1] if last else 'none'}")
+      tps = tokens_per_step * (s + 1 - s0) / max(time.time() - t0, 1e-9)
+      bar.update(1)
+      bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+      row = {"stage": stage.name, "step": s + 1, "global_step": off + s + 1,
+             "lr": float(sched(s)), "tokens_per_s": tps, **m}
+      if (s + 1) % self.job.train.log_every == 0 or s + 1 == n:
+        self.logger.log(row)
+      last = s + 1 == n
+      if last or (s + 1) % self.job.train.checkpoint_every == 0 or self.sigterm:
+        self.params = {**trainable, **frozen}
+        self.ckpt.save(off + s + 1, {"params": self.params, "opt_state": opt_state},
+                       {"stage": i, "step_in_stage": s + 1, "global_step": off + s + 1,
+                        "seed": self.job.seed}, wait=self.sigterm)
+      if self.sigterm:
+        raise Preempted(f"SIGTERM: saved checkpoint at global step {off + s + 1}")
+    bar.close()
+    self.params = {**trainable, **frozen}
