@@ -97,6 +97,7 @@ def get_config(arg: str = ""):
   c.train.keep = 3                     # checkpoints kept
   c.train.log_every = 10               # steps between metrics.jsonl lines
 
+  c.stage_order = "wrappers,all"      # stages to run, in order (ConfigDict keys sort by name)
   c.stages = ml_collections.ConfigDict()
   c.stages.wrappers = _stage(120, [(".*wrapper.*", 1.0), (".*", 0.0)])
   c.stages.all = _stage(120, [(".*embed.*", 0.0), (".*", 1.0)], lr=1e-3)

@@ -161,8 +161,13 @@ def _train(c) -> TrainConfig:
   _check(t.batch_size >= 1 and t.micro_batches >= 1 and t.batch_size % t.micro_batches == 0,
          f"config.train.batch_size={t.batch_size}: expected a positive multiple of "
          f"micro_batches={t.micro_batches}")
-  stages = tuple(_stage(name, s, t) for name, s in c.stages.items())
-  _check(len(stages) > 0, "config.stages is empty: expected at least one stage")
+  order = [n.strip() for n in c.stage_order.split(",") if n.strip()]
+  _check(len(order) > 0, "config.stage_order is empty: expected stage names, e.g. 'wrappers,all'")
+  for n in order:
+    _check(n in c.stages, f"config.stage_order names stage {n!r}, which is not in config.stages "
+           f"({sorted(c.stages.keys())})")
+  _check(len(set(order)) == len(order), f"config.stage_order={c.stage_order!r} repeats a stage")
+  stages = tuple(_stage(name, c.stages[name], t) for name in order)
   return TrainConfig(batch_size=t.batch_size, micro_batches=t.micro_batches, kd_mode=t.kd_mode,
                      vocab_chunk=t.vocab_chunk, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio,
                      weight_decay=t.weight_decay, clip_norm=t.clip_norm, b1=t.b1, b2=t.b2,

@@ -1,0 +1,126 @@
+"""Trainer end to end on a tiny teacher: frozen params stay bit-identical, a run killed with
+SIGKILL mid-stage and right after a stage boundary resumes to a bit-identical result, SIGTERM
+saves and exits 0."""
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import job_config, write_config_file
+from moedistill import safetensors_io as st
+from moedistill.checkpoint import Checkpoints
+from moedistill.config import job_from_config
+from moedistill.train import train
+
+
+def small(tmp_path, teacher, **over):
+  c = job_config(tmp_path, teacher, **over)
+  c.stages.wrappers.steps = 6
+  c.stages.all.steps = 4
+  c.train.batch_size = 4
+  c.train.checkpoint_every = 2
+  c.train.log_every = 1
+  c.train.keep = 10
+  return c
+
+
+def tensors(path):
+  f = st.SafetensorsFile(path)
+  return {k: np.array(f.get(k)) for k in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run, shared by the tests below."""
+  from conftest import make_hf_checkpoint, make_tokenizer
+  tmp = tmp_path_factory.mktemp("ref")
+  make_hf_checkpoint(tmp / "teacher", vocab_size=64)
+  make_tokenizer(tmp / "teacher")
+  job = job_from_config(small(tmp, tmp / "teacher"))
+  export = train(job, progress=False)
+  return tmp, job, export
+
+
+def _params_at(workdir, step):
+  ck = Checkpoints(Path(workdir) / "checkpoints")
+  state = ck.mngr.restore(step)["state"]
+  ck.close()
+  return {k: np.asarray(v) for k, v in state["params"].items()}
+
+
+def test_frozen_params_are_bit_identical(reference):
+  tmp, job, export = reference
+  init = tensors(Path(job.student_init) / "model.safetensors")
+  after1 = _params_at(job.workdir, 6)  # end of stage 1: only wrappers trained
+  changed = []
+  from moedistill.hf import key_table
+  from moedistill.model.config import ModelConfig
+  from moedistill.model.shared_core import Compression
+  cfg = ModelConfig.from_json_file(Path(job.student_init) / "config.json")
+  for e in key_table(cfg, Compression(*job.ranks)):
+    ours = after1[".".join(map(str, e.path))]
+    theirs = init[e.hf_key].T if e.transpose else init[e.hf_key]
+    if "wrapper" in e.hf_key:
+      changed.append(not np.array_equal(ours, theirs))
+    else:
+      assert np.array_equal(ours, theirs), e.hf_key
+  assert all(changed) and changed
+  final = tensors(export / "model.safetensors")
+  np.testing.assert_array_equal(final["model.embed_tokens.weight"],
+                                init["model.embed_tokens.weight"])  # frozen in stage 2 too
+
+
+def _run_until(cfg, workdir, step_dir, sig):
+  p = subprocess.Popen([sys.executable, "-m", "moedistill.train", f"--config={cfg}"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  ck = Path(workdir) / "checkpoints"
+  while p.poll() is None and not (ck / str(step_dir)).exists():
+    time.sleep(0.05)
+  assert p.poll() is None, f"finished before checkpoint {step_dir}: {p.stderr.read()[-2000:]}"
+  t0 = time.time()
+  p.send_signal(sig)
+  err = p.communicate(timeout=120)[1]
+  return p.returncode, time.time() - t0, err
+
+
+def test_sigkill_mid_stage_and_at_stage_boundary_resume_bit_identical(tmp_path, reference):
+  ref_tmp, ref_job, ref_export = reference
+  c = small(tmp_path, ref_tmp / "teacher")
+  cfg = write_config_file(tmp_path, c)
+  assert _run_until(cfg, c.workdir, 4, signal.SIGKILL)[0] == -signal.SIGKILL  # mid stage 1
+  assert _run_until(cfg, c.workdir, 6, signal.SIGKILL)[0] == -signal.SIGKILL  # stage boundary
+  done = subprocess.run([sys.executable, "-m", "moedistill.train", f"--config={cfg}"],
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "resumed from" in done.stdout
+  got, want = tensors(Path(c.workdir) / "export" / "model.safetensors"), tensors(
+      ref_export / "model.safetensors")
+  assert got.keys() == want.keys()
+  for k in want:
+    assert np.array_equal(got[k], want[k]), k
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path, reference):
+  ref_tmp, _, _ = reference
+  c = small(tmp_path, ref_tmp / "teacher")
+  c.train.checkpoint_every = 100  # only stage ends and the SIGTERM save
+  c.stages.wrappers.steps = 40
+  cfg = write_config_file(tmp_path, c)
+  # Wait for the first metrics line: training is under way.
+  p = subprocess.Popen([sys.executable, "-m", "moedistill.train", f"--config={cfg}"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = Path(c.workdir) / "metrics.jsonl"
+  while p.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+    time.sleep(0.05)
+  t0 = time.time()
+  p.send_signal(signal.SIGTERM)
+  err = p.communicate(timeout=120)[1]
+  assert p.returncode == 0, err[-2000:]
+  assert time.time() - t0 < 60
+  assert "SIGTERM: saved checkpoint" in err
+  steps = Checkpoints(Path(c.workdir) / "checkpoints").steps()
+  assert steps and 0 < steps[-1] < 40
