@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from moedistill import cache, hf, sharding
 from moedistill.config import Job
-from moedistill.data import build_rows
+from moedistill.data import build_rows, fingerprint, load_texts
 from moedistill.errors import ConfigError, UserError
 from moedistill.model.config import ModelConfig
 from moedistill.vocab_scan import topk_lse
@@ -35,19 +35,45 @@ def teacher_hash(path) -> str:
   return h.hexdigest()[:16]
 
 
-def make_metadata(job: Job, rows, cfg: ModelConfig) -> dict:
+def make_metadata(job: Job, spec, cfg: ModelConfig, rows=None) -> dict:
+  """The cache's metadata; without `rows` (no tokenization) the row count is left out."""
   c = job.cache
   k, s = c.k, len(c.temperatures)
-  return {
+  if rows is None:
+    fp, th = fingerprint(spec, load_texts(spec)[1])
+  else:
+    fp, th = rows.fingerprint, rows.tokenizer_hash
+  meta = {
       "format": cache.FORMAT, "teacher": job.teacher, "teacher_hash": teacher_hash(job.teacher),
-      "tokenizer_hash": rows.tokenizer_hash, "data_fingerprint": rows.fingerprint,
+      "tokenizer_hash": th, "data_fingerprint": fp,
       "vocab_size": cfg.vocab_size, "k": k, "temperatures": list(c.temperatures),
-      "seq_len": int(rows.tokens.shape[1]), "rows": int(rows.tokens.shape[0]),
+      "seq_len": spec.seq_len, "rows": None if rows is None else int(rows.tokens.shape[0]),
       "rows_per_chunk": c.rows_per_chunk, "codec": c.codec,
       "dtypes": {"tokens": "int32", "segment_ids": "int32", "topk_idx": "int32",
                  "topk_logit": "bfloat16", "lse": "float32"},
       "bytes_per_token_raw": 8 + k * 6 + 4 * s, "complete": False,
   }
+  if rows is None:
+    del meta["rows"]
+  return meta
+
+
+def finished(job: Job, split: str) -> bool:
+  """True when a complete cache made with exactly this config is there (no tokenization);
+  a complete cache made differently is refused, naming the field."""
+  path = job.cache_path(split)
+  old = cache.read_metadata(path)
+  if old is None or not old.get("complete"):
+    return False
+  spec = job.train_data if split == "train" else job.eval_data
+  cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
+  new = make_metadata(job, spec, cfg)
+  diff = cache.first_difference({k: v for k, v in old.items() if k != "rows"}, new)
+  if diff is not None:
+    raise UserError(f"cache.path={path} holds a cache made with different {diff} "
+                    f"({old.get(diff)!r} vs {new.get(diff)!r}); run python -m "
+                    "moedistill.cache_logits --overwrite to replace it")
+  return True
 
 
 def check_inputs(job: Job, rows, cfg: ModelConfig):
@@ -103,10 +129,12 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None,
                 teacher=None, progress: bool = True) -> str:
   spec = job.train_data if split == "train" else job.eval_data
   path = job.cache_path(split)
+  if finished(job, split):
+    return path
   rows = build_rows(spec)
   cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
   check_inputs(job, rows, cfg)
-  meta = make_metadata(job, rows, cfg)
+  meta = make_metadata(job, spec, cfg, rows)
   p, P = jax.process_index(), jax.process_count()
   done_already = _prepare(path, meta, overwrite) if p == 0 else False
   done_already = bool(multihost_utils.broadcast_one_to_all(np.asarray(done_already)))

@@ -128,6 +128,12 @@ def pack(docs: list[list[int]], seq_len: int, eos: int, pad: int):
   return tokens, segs
 
 
+def fingerprint(spec: DataSpec, source_fp: str) -> tuple[str, str]:
+  """(data fingerprint, tokenizer hash): what the packed rows are a pure function of."""
+  th = tokenizer_hash(spec.tokenizer)
+  return _sha(source_fp, th, spec.text_field, spec.seq_len, spec.max_rows, PACKING_VERSION), th
+
+
 def build_rows(spec: DataSpec) -> Rows:
   texts, source_fp = load_texts(spec)
   tok = load_tokenizer(spec.tokenizer)
@@ -136,8 +142,7 @@ def build_rows(spec: DataSpec) -> Rows:
   tokens, segs = pack(ids, spec.seq_len, tok.eos_token_id, pad)
   if spec.max_rows:
     tokens, segs = tokens[: spec.max_rows], segs[: spec.max_rows]
-  th = tokenizer_hash(spec.tokenizer)
-  fp = _sha(source_fp, th, spec.text_field, spec.seq_len, spec.max_rows, PACKING_VERSION)
+  fp, th = fingerprint(spec, source_fp)
   return Rows(tokens, segs, fp, th, len(tok))
 
 

@@ -26,7 +26,7 @@ def split(model):
   graphdef, state = nnx.split(model)
   flat = nnx.to_flat_state(state)
   template = [(p, v) for p, v in flat]
-  params = {dotted(p): v[...] for p, v in flat if isinstance(v, nnx.Param)}
+  params = {dotted(p): v.get_value() for p, v in flat if isinstance(v, nnx.Param)}
   return graphdef, template, params
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 
 from moedistill import cache, compress, hf, sharding
-from moedistill.cache_logits import build_cache
+from moedistill.cache_logits import build_cache, finished
 from moedistill.config import Job
 from moedistill.errors import UserError
 from moedistill.model.shared_core import Compression
@@ -34,8 +34,7 @@ def load(job: Job, path, mesh):
 def ensure_caches(job: Job, mesh):
   teacher = None
   for split in ("train", "eval"):
-    meta = cache.read_metadata(job.cache_path(split))
-    if meta is None or not meta.get("complete"):
+    if not finished(job, split):
       if teacher is None:
         teacher = load(job, job.teacher, mesh)
       build_cache(job, split, mesh=mesh, teacher=teacher)
@@ -67,16 +66,32 @@ def check_against_cache(job: Job, reader: cache.CacheReader, cfg):
                     f"{jax.process_count()} processes")
 
 
-def train(job: Job, *, progress: bool = True):
-  """Everything but the report; returns the export directory."""
-  workdir = Path(job.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+def preflight(job: Job):
+  """Every check that needs no weights and no cache, before any slow work starts."""
+  from moedistill import optim, params as P
+  from moedistill.model.config import ModelConfig
+  cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
+  shapes = P.shapes(P.abstract_student(cfg, Compression(*job.ranks)))
+  for st in job.train.stages:
+    optim.build(st, job.train, shapes, 1)  # regexes, coverage, all-frozen
+    if job.train.kd_mode == "bucket" and st.temperature not in job.cache.temperatures:
+      raise UserError(f"config.stages.{st.name}.temperature={st.temperature} is not among "
+                      f"config.cache.temperatures={list(job.cache.temperatures)}; bucket mode "
+                      "needs the teacher's full-vocab logsumexp at that temperature")
   mesh = sharding.make_mesh(job.mesh)
   div = sharding.batch_divisor(mesh)
   if (job.train.batch_size // job.train.micro_batches) % div:
     raise UserError(f"config.train.batch_size={job.train.batch_size} / micro_batches="
                     f"{job.train.micro_batches} is not divisible by the mesh's {div} batch "
                     "shards (data x fsdp x expert)")
+  return mesh
+
+
+def train(job: Job, *, progress: bool = True):
+  """Everything but the report; returns the export directory."""
+  mesh = preflight(job)
+  workdir = Path(job.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   ensure_caches(job, mesh)
   init = ensure_student(job)
   reader = cache.CacheReader(job.cache_path("train"))

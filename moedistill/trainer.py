@@ -157,6 +157,7 @@ class Trainer:
       trainable, opt_state, m = step_fn(trainable, frozen, opt_state, batch)
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       if not np.isfinite(m["loss"]):
+        bar.close()
         last = self.ckpt.steps()
         raise UserError(f"loss is {m['loss']} at stage {stage.name} step {s + 1} (global "
                         f"{off + s + 1}); stopped; last good checkpoint: "
@@ -175,6 +176,7 @@ class Trainer:
                        {"stage": i, "step_in_stage": s + 1, "global_step": off + s + 1,
                         "seed": self.job.seed}, wait=self.sigterm)
       if self.sigterm:
+        bar.close()
         raise Preempted(f"SIGTERM: saved checkpoint at global step {off + s + 1}")
     bar.close()
     self.params = {**trainable, **frozen}

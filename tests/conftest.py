@@ -67,7 +67,7 @@ def make_tokenizer(path, vocab_size=60):
   return fast
 
 
-def job_config(tmp_path, teacher, train_docs=40, **over):
+def job_config(tmp_path, teacher, /, train_docs=40, **over):
   """configs/two_stage.py pointed at a test teacher and corpus, small cache settings."""
   import importlib.util
   import pathlib
