@@ -126,12 +126,14 @@ def _prepare(path, meta, overwrite: bool) -> bool:
 
 
 def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None,
-                teacher=None, progress: bool = True) -> str:
+                teacher=None, progress: bool = True, rows=None) -> str:
+  """`rows` (a data.Rows) replaces the configured dataset, for benchmarks."""
   spec = job.train_data if split == "train" else job.eval_data
   path = job.cache_path(split)
-  if finished(job, split):
-    return path
-  rows = build_rows(spec)
+  if rows is None:
+    if not overwrite and finished(job, split):
+      return path
+    rows = build_rows(spec)
   cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
   check_inputs(job, rows, cfg)
   meta = make_metadata(job, spec, cfg, rows)
@@ -149,10 +151,11 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None,
                                capacity_factor=job.model.capacity_factor,
                                put=sharding.sharded_put(mesh))
   fwd = make_forward(teacher, mesh, job)
-  _write_pending(job, rows, arrays, fwd, mesh, path, progress and p == 0)
+  stats = _write_pending(job, rows, arrays, fwd, mesh, path, progress and p == 0)
   multihost_utils.sync_global_devices(f"cache {path} written")
   if p == 0:
     meta["complete"] = True
+    meta["stats"] = stats
     cache.write_metadata(path, meta)
   multihost_utils.sync_global_devices(f"cache {path} complete")
   return path
@@ -187,6 +190,7 @@ def _write_pending(job, rows, arrays, fwd, mesh, path, show):
   bar = tqdm(total=sum(rows_of(c) for st in steps for c in st), unit="row",
              disable=not show, desc=f"caching {path}", mininterval=1.0)
   t0, tokens_done, inflight = time.time(), 0, []
+  t_first, tokens_first = None, 0  # throughput excludes the first (compiling) step
   for step in steps:
     mine = step[p * per:(p + 1) * per]
     parts = [_chunk_rows(rows, c if c < len(done) else -1, R) for c in mine]
@@ -208,10 +212,15 @@ def _write_pending(job, rows, arrays, fwd, mesh, path, show):
       inflight.append((c, futs))
     step_rows = sum(rows_of(c) for c in step)
     tokens_done += step_rows * rows.tokens.shape[1]
+    if t_first is None:
+      t_first, tokens_first = time.time(), tokens_done
     bar.update(step_rows)
     bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
   _finish(arrays, inflight)
   bar.close()
+  dt = time.time() - (t_first or t0)
+  return {"tokens_per_s_after_first_step": round((tokens_done - tokens_first) / dt)
+          if dt > 0 and tokens_done > tokens_first else None}
 
 
 def _finish(arrays, inflight):
