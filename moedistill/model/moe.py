@@ -8,9 +8,10 @@ c capacity slots per expert, d hidden, f expert intermediate.
   expand(a_td)       -> grouped copies of per-token rows (layout is the backend's business)
   gmm(a_g, w_edf)    -> per-expert matmul of grouped rows: row of expert e times w_edf[e]
   combine(y_g)       -> [t, d]: router-weighted sum over each token's k copies
-Backends: `ragged` (jax.lax.ragged_dot over sorted copies, dropless, exact on CPU/TPU) and
-`capacity` (GShard [e, c, d] batched einsum; copies past capacity are dropped and counted).
-A GPU backend (Mosaic-GPU ragged dot) plugs in by registering another class in BACKENDS.
+Backends: `ragged` (jax.lax.ragged_dot over sorted copies, dropless, exact on CPU/TPU),
+`capacity` (GShard [e, c, d] batched einsum; copies past capacity are dropped and counted),
+`mgpu` (Hopper Mosaic-GPU grouped matmuls under a custom VJP, gmm.py) and `ragged_vjp` (the
+same custom-VJP wiring with the exact reference kernel, so CPU tests cover it).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from moedistill.errors import ConfigError
+from moedistill.model import gmm
 
 
 def route(x_td, w_de, k: int, norm_topk_prob: bool):
@@ -33,9 +35,11 @@ def route(x_td, w_de, k: int, norm_topk_prob: bool):
 
 
 class RaggedDispatch:
-  """Token copies sorted by expert; grouped matmul by jax.lax.ragged_dot. Never drops."""
+  """Token copies sorted by expert; grouped matmul over the sorted rows. Never drops.
+  kernel=None: jax.lax.ragged_dot under autodiff. A gmm.Kernel: gmm.grouped_matmul (custom
+  VJP) and permutations whose backward is a gather (gmm.permute_rows)."""
 
-  def __init__(self, experts_tk, weights_tk, num_experts: int):
+  def __init__(self, experts_tk, weights_tk, num_experts: int, kernel=None):
     t, k = experts_tk.shape
     flat_m = experts_tk.reshape(-1)
     self.order_m = jnp.argsort(flat_m, stable=True)
@@ -43,17 +47,25 @@ class RaggedDispatch:
     self.token_m = self.order_m // k
     self.group_sizes = jnp.bincount(flat_m, length=num_experts).astype(jnp.int32)
     self.weights_tk = weights_tk
-    self.t, self.k = t, k
+    self.t, self.k, self.kernel = t, k, kernel
     self.dropped = jnp.zeros((), jnp.int32)
 
   def expand(self, a_td):
-    return a_td[self.token_m]
+    if self.kernel is None:
+      return a_td[self.token_m]
+    return gmm.permute_rows(jnp.repeat(a_td, self.k, axis=0), self.order_m, self.inverse_m)
 
   def gmm(self, a_md, w_edf):
-    return jax.lax.ragged_dot(a_md, w_edf.astype(a_md.dtype), self.group_sizes)
+    if self.kernel is None:
+      return jax.lax.ragged_dot(a_md, w_edf.astype(a_md.dtype), self.group_sizes)
+    return gmm.grouped_matmul(a_md, w_edf, self.group_sizes, self.kernel)
 
   def combine(self, y_md):
-    y_tkd = y_md[self.inverse_m].reshape(self.t, self.k, -1)
+    if self.kernel is None:
+      y_tkd = y_md[self.inverse_m]
+    else:
+      y_tkd = gmm.permute_rows(y_md, self.inverse_m, self.order_m)
+    y_tkd = y_tkd.reshape(self.t, self.k, -1)
     return jnp.einsum("tkd,tk->td", y_tkd, self.weights_tk.astype(y_md.dtype))
 
 
@@ -93,14 +105,16 @@ class CapacityDispatch:
     return jnp.zeros((self.t, y_md.shape[-1]), y_md.dtype).at[self.token_m].add(y_md)
 
 
-BACKENDS = ("ragged", "capacity")
+BACKENDS = ("ragged", "capacity", "ragged_vjp", "mgpu")
 
 
 def resolve_backend(name: str) -> str:
-  """`auto`: capacity on GPUs (default ragged_dot lowers to a dense masked matmul there, see
-  DESIGN.md), ragged on CPU/TPU. The Hopper Mosaic-GPU backend will slot in here."""
+  """`auto`: mgpu on Hopper, capacity on other GPUs (default ragged_dot lowers to a dense
+  masked matmul there, see DESIGN.md), ragged on CPU/TPU."""
   if name != "auto":
     return name
+  if gmm.is_hopper():
+    return "mgpu"
   return "capacity" if jax.default_backend() == "gpu" else "ragged"
 
 
@@ -108,13 +122,20 @@ def make_dispatch(backend: str, experts_tk, weights_tk, num_experts: int,
                   capacity_factor: float = 1.25):
   if backend == "ragged":
     return RaggedDispatch(experts_tk, weights_tk, num_experts)
+  if backend == "ragged_vjp":  # the mgpu wiring with the exact reference kernel (any device)
+    return RaggedDispatch(experts_tk, weights_tk, num_experts, gmm.ReferenceKernel())
+  if backend == "mgpu":
+    return RaggedDispatch(experts_tk, weights_tk, num_experts, gmm.MosaicGpuKernel())
   if backend == "capacity":
     return CapacityDispatch(experts_tk, weights_tk, num_experts, capacity_factor)
   raise ConfigError(f"moe backend={backend!r}: expected one of {BACKENDS}")
 
 
 def expert_ffn(dispatch, x_td, w_gate_edf, w_up_edf, w_down_efd):
-  """SwiGLU experts: sum_k w_k * down_e(silu(gate_e x) * up_e x)."""
+  """SwiGLU experts: sum_k w_k * down_e(silu(gate_e x) * up_e x); gate and up run as one
+  grouped matmul over [e, d, 2f]."""
   x_g = dispatch.expand(x_td)
-  h_g = jax.nn.silu(dispatch.gmm(x_g, w_gate_edf)) * dispatch.gmm(x_g, w_up_edf)
+  f = w_gate_edf.shape[-1]
+  gu = dispatch.gmm(x_g, jnp.concatenate([w_gate_edf, w_up_edf], axis=-1))
+  h_g = jax.nn.silu(gu[..., :f]) * gu[..., f:]
   return dispatch.combine(dispatch.gmm(h_g, w_down_efd))

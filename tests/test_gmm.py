@@ -1,0 +1,61 @@
+"""The grouped-matmul custom VJP equals jax.lax.ragged_dot's autodiff (the kernel swapped for
+the exact reference, as on CPU); gather-only permutations; the model with ragged_vjp."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moedistill.model import gmm, moe, tiny
+from moedistill.model.layers import Runtime
+from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
+
+
+@pytest.mark.parametrize("sizes", [(5, 0, 9, 3), (0, 0, 17, 0), (4, 4, 4, 5)])
+def test_custom_vjp_equals_ragged_dot_autodiff(sizes):
+  r = np.random.RandomState(0)
+  gs = jnp.asarray(sizes, jnp.int32)
+  x = jnp.asarray(r.randn(sum(sizes), 6), jnp.float32)
+  w = jnp.asarray(r.randn(len(sizes), 6, 7), jnp.float32)
+  ct = jnp.asarray(r.randn(sum(sizes), 7), jnp.float32)
+  f_ref = lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, gs) * ct)  # noqa: E731
+  f_vjp = lambda x, w: jnp.sum(gmm.grouped_matmul(x, w, gs, gmm.ReferenceKernel()) * ct)  # noqa
+  np.testing.assert_allclose(f_vjp(x, w), f_ref(x, w), rtol=1e-6)
+  for a, b in zip(jax.jit(jax.grad(f_vjp, (0, 1)))(x, w), jax.grad(f_ref, (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_permute_rows_backward_is_inverse_gather():
+  r = np.random.RandomState(1)
+  perm = jnp.asarray(r.permutation(10))
+  inv = jnp.argsort(perm)
+  x, ct = jnp.asarray(r.randn(10, 3)), jnp.asarray(r.randn(10, 3))
+  g1 = jax.grad(lambda x: jnp.sum(gmm.permute_rows(x, perm, inv) * ct))(x)
+  g2 = jax.grad(lambda x: jnp.sum(x[perm] * ct))(x)
+  np.testing.assert_allclose(g1, g2)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(gmm.permute_rows(x, perm, inv))))(x))
+  assert "scatter" not in jaxpr
+
+
+def test_model_ragged_vjp_equals_ragged_in_value_and_grad():
+  cfg = tiny()
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9)))
+  out = {}
+  for backend in ("ragged", "ragged_vjp"):
+    m = Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=Runtime(moe_backend=backend))
+    g, st = nnx.split(m)
+    f = lambda st: jnp.sum(nnx.merge(g, st)(tokens)[0] ** 2)  # noqa: E731
+    out[backend] = jax.value_and_grad(f)(st)
+  np.testing.assert_allclose(out["ragged_vjp"][0], out["ragged"][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(out["ragged_vjp"][1]), jax.tree.leaves(out["ragged"][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_backend_on_cpu_is_ragged():
+  assert moe.resolve_backend("auto") == "ragged" and not gmm.is_hopper()
+
+
+def test_mgpu_pads_rows_to_the_tile():
+  k = gmm.MosaicGpuKernel()
+  x, gs, pad = k._pad(jnp.ones((130, 4)), jnp.asarray([100, 30], jnp.int32), 128)
+  assert x.shape[0] == 256 and pad == 126 and int(gs.sum()) == 256 and int(gs[-1]) == 156
