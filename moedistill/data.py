@@ -71,25 +71,56 @@ def _sha(*parts) -> str:
   return h.hexdigest()[:16]
 
 
+def _read_local(files: list[str], kind: str, field: str) -> list[str]:
+  """Local files read directly (no datasets cache written under ~/.cache)."""
+  out = []
+  for f in files:
+    if kind == "text":
+      if field != "text":
+        raise ConfigError(f"data.text_field={field!r}: .txt files only have 'text'")
+      out += Path(f).read_text().splitlines()
+      continue
+    if kind == "parquet":
+      import pyarrow.parquet as pq
+      table = pq.read_table(f)
+      if field not in table.column_names:
+        raise ConfigError(f"data.text_field={field!r} not in {f}; columns are "
+                          f"{table.column_names}")
+      out += table.column(field).to_pylist()
+      continue
+    text = Path(f).read_text()
+    try:
+      records = (json.loads(text) if f.endswith(".json") and text.lstrip().startswith("[")
+                 else [json.loads(line) for line in text.splitlines() if line.strip()])
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"data.source: {f} is not valid JSON/JSONL ({e.msg}, line "
+                        f"{e.lineno})") from None
+    for i, r in enumerate(records):
+      if not isinstance(r, dict) or field not in r:
+        raise ConfigError(f"data.text_field={field!r} not in record {i} of {f}"
+                          + (f"; keys are {sorted(r)}" if isinstance(r, dict) else ""))
+      out.append(r[field])
+  return out
+
+
 def load_texts(spec: DataSpec) -> tuple[list[str], str]:
   """Returns (documents, source fingerprint)."""
-  import datasets
-  datasets.disable_progress_bars()
-  datasets.logging.set_verbosity_error()
   files = _local_files(spec.source)
   if files is None:
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     ds = datasets.load_dataset(spec.source[0], spec.hub_config, split=spec.split)
-    fp = _sha("hub", spec.source[0], spec.hub_config, spec.split, ds._fingerprint)
-  else:
-    kind = EXTENSIONS[os.path.splitext(files[0])[1]]
-    if any(EXTENSIONS[os.path.splitext(f)[1]] != kind for f in files):
-      raise ConfigError(f"data.source: mixes file types {files}; expected one type")
-    ds = datasets.load_dataset(kind, data_files=files, split="train")
-    fp = _sha("files", *[_sha(f, Path(f).read_bytes()) for f in files])
-  if spec.text_field not in ds.column_names:
-    raise ConfigError(f"data.text_field={spec.text_field!r} not in the dataset; columns are "
-                      f"{ds.column_names}")
-  return [t for t in ds[spec.text_field] if t], fp
+    if spec.text_field not in ds.column_names:
+      raise ConfigError(f"data.text_field={spec.text_field!r} not in the dataset; columns are "
+                        f"{ds.column_names}")
+    return [t for t in ds[spec.text_field] if t], _sha("hub", spec.source[0], spec.hub_config,
+                                                        spec.split, ds._fingerprint)
+  kind = EXTENSIONS[os.path.splitext(files[0])[1]]
+  if any(EXTENSIONS[os.path.splitext(f)[1]] != kind for f in files):
+    raise ConfigError(f"data.source: mixes file types {files}; expected one type")
+  fp = _sha("files", *[_sha(f, Path(f).read_bytes()) for f in files])
+  return [t for t in _read_local(files, kind, spec.text_field) if t], fp
 
 
 def tokenizer_hash(path) -> str:
@@ -103,7 +134,7 @@ def load_tokenizer(path):
   if not Path(path, "tokenizer_config.json").exists() and not Path(path, "tokenizer.json").exists():
     raise ConfigError(f"data.tokenizer={path}: no tokenizer files there (expected a local "
                       "directory with tokenizer.json / tokenizer_config.json)")
-  tok = AutoTokenizer.from_pretrained(str(path))
+  tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
   if tok.eos_token_id is None:
     raise ConfigError(f"data.tokenizer={path}: tokenizer has no eos_token, needed for packing")
   return tok

@@ -156,3 +156,21 @@ def test_two_processes_make_the_same_cache(tmp_path, teacher_dir):
   assert meta["complete"]
   for n in NAMES:
     np.testing.assert_array_equal(got[n], ref[n], err_msg=n)
+
+
+def test_corrupted_chunk_and_metadata_are_detected(tmp_path, teacher_dir):
+  path, _ = teacher_dir
+  job = job_from_config(job_config(tmp_path, path, **{"cache.codec": "none"}))
+  out = build_cache(job, "train", progress=False)
+  chunk = sorted((tmp_path / "run" / "cache" / "train" / "topk_logit").rglob("c/*/0/0"))[2]
+  raw = bytearray(chunk.read_bytes())
+  raw[10] ^= 0xFF  # one flipped byte, no codec to trip over: only the checksum can tell
+  chunk.write_bytes(bytes(raw))
+  reader = cache.CacheReader(out)
+  bad_chunk = int(chunk.parent.parent.name)  # c/<chunk>/0/0
+  with pytest.raises(UserError, match=f"rows.*{bad_chunk * 4}, {bad_chunk * 4 + 3}"):
+    reader.read_rows(np.arange(bad_chunk * 4, bad_chunk * 4 + 4))
+  reader.read_rows(np.arange(0, 4))  # other chunks still read
+  (tmp_path / "run" / "cache" / "train" / "metadata.json").write_text('{"format": "moedi')
+  with pytest.raises(UserError, match="metadata.json is corrupted"):
+    cache.CacheReader(out)

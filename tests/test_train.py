@@ -124,3 +124,26 @@ def test_sigterm_saves_and_exits_zero(tmp_path, reference):
   assert "SIGTERM: saved checkpoint" in err
   steps = Checkpoints(Path(c.workdir) / "checkpoints").steps()
   assert steps and 0 < steps[-1] < 40
+
+
+def test_truncated_latest_checkpoint_falls_back_with_warning(tmp_path, reference):
+  import shutil
+  ref_tmp, ref_job, ref_export = reference
+  c = small(tmp_path, ref_tmp / "teacher")
+  shutil.copytree(ref_job.workdir, c.workdir)
+  for p in ("export", "report.json"):
+    shutil.rmtree(Path(c.workdir) / p, ignore_errors=True)
+  latest = max(int(p.name) for p in (Path(c.workdir) / "checkpoints").iterdir()
+               if p.name.isdigit())
+  for f in (Path(c.workdir) / "checkpoints" / str(latest) / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a crash mid-write
+  cfg = write_config_file(tmp_path, c)
+  r = subprocess.run([sys.executable, "-m", "moedistill.train", f"--config={cfg}"],
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"checkpoints/{latest} is unreadable" in r.stderr
+  got, want = tensors(Path(c.workdir) / "export" / "model.safetensors"), tensors(
+      ref_export / "model.safetensors")
+  for k in want:
+    assert np.array_equal(got[k], want[k]), k
