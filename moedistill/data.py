@@ -119,7 +119,7 @@ def load_texts(spec: DataSpec) -> tuple[list[str], str]:
   kind = EXTENSIONS[os.path.splitext(files[0])[1]]
   if any(EXTENSIONS[os.path.splitext(f)[1]] != kind for f in files):
     raise ConfigError(f"data.source: mixes file types {files}; expected one type")
-  fp = _sha("files", *[_sha(f, Path(f).read_bytes()) for f in files])
+  fp = _sha("files", *[_sha(Path(f).read_bytes()) for f in files])  # content, not location
   return [t for t in _read_local(files, kind, spec.text_field) if t], fp
 
 
