@@ -100,6 +100,16 @@ def global_batch(mesh: Mesh, local_np: np.ndarray) -> jax.Array:
   return jax.make_array_from_process_local_data(batch_sharding(mesh, local_np.ndim), local_np)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on this host; a collective when other processes hold parts of it."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded array, in order, deduplicated over replicas."""
   shards = {}

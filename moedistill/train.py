@@ -98,12 +98,14 @@ def train(job: Job, *, progress: bool = True):
   student = load(job, init, mesh)
   check_against_cache(job, reader, student.config)
   trainer = Trainer(job, student, reader, mesh, progress=progress)
-  params = trainer.run()
-  from moedistill import params as P
-  final = P.merge(trainer.graphdef, trainer.template, params)
+  params = {k: sharding.to_host(v) for k, v in trainer.run().items()}  # all processes
   export = workdir / "export"
   if jax.process_index() == 0:
+    from moedistill import params as P
+    final = P.merge(trainer.graphdef, trainer.template, params)
     hf.save_model(final, export, merged=True, tokenizer_from=job.teacher)
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices("export written")
   return export
 
 

@@ -78,11 +78,24 @@ class Trainer:
     fr = {k: v for k, v in self.params.items() if k not in trainable_paths}
     return tr, fr
 
+  def _init_opt(self, tx, trainable):
+    """Optimizer state on the mesh: moments follow their params' shardings; scalars (step
+    counts) are replicated rather than left on one device."""
+    rep = sharding.replicated(self.mesh)
+
+    def leaf_sharding(path, _):
+      keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+      hit = next((k for k in reversed(keys) if k in trainable), None)
+      return trainable[hit].sharding if hit is not None else rep
+
+    out = jax.tree_util.tree_map_with_path(leaf_sharding, jax.eval_shape(tx.init, trainable))
+    return jax.jit(tx.init, out_shardings=out)(trainable)
+
   def _abstract_for(self, meta):
     _, tx, paths, _ = self._stage_setup(meta["stage"])
     tr, _ = self._split(paths)
     return {"params": abstract_like(self.params),
-            "opt_state": abstract_like(jax.jit(tx.init)(tr))}
+            "opt_state": abstract_like(self._init_opt(tx, tr))}
 
   def restore(self):
     """(stage index, step in stage, opt_state or None) to continue from."""
@@ -135,7 +148,7 @@ class Trainer:
       print(optim.format_table(stage, rows), flush=True)
     trainable, frozen = self._split(paths)
     if opt_state is None:
-      opt_state = jax.jit(tx.init)(trainable)
+      opt_state = self._init_opt(tx, trainable)
     shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
     step_fn = jax.jit(make_train_step(self.graphdef, self.template, tx,
                                       self._step_config(stage)),
