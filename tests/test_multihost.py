@@ -1,0 +1,64 @@
+"""Two processes on 127.0.0.1 (gloo CPU collectives): cache, two stages with checkpoints, a
+kill of one process, a restart of both, export. The result equals a single process driving
+the same 2-device mesh to float32 tolerance (gloo's all-reduce sums in another order than
+the in-process one, so bits may differ; exact resume itself is tested in test_train.py)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conftest import job_config, make_hf_checkpoint, make_tokenizer, write_config_file
+from test_cache import free_port
+from test_train import tensors
+
+
+def _config(tmp, teacher):
+  c = job_config(tmp, teacher)
+  c.stages.wrappers.steps, c.stages.all.steps = 4, 4
+  c.train.batch_size, c.train.checkpoint_every, c.train.log_every = 4, 2, 1
+  return write_config_file(tmp, c), Path(c.workdir)
+
+
+def _start_pair(cfg):
+  port = free_port()
+  return [subprocess.Popen([sys.executable, "-m", "moedistill.train", f"--config={cfg}",
+                            f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                            f"--process_id={i}"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def test_two_processes_with_a_kill_equal_one_process(tmp_path):
+  teacher = tmp_path / "teacher"
+  make_hf_checkpoint(teacher, vocab_size=64)
+  make_tokenizer(teacher)
+  (tmp_path / "one").mkdir()
+  cfg1, work1 = _config(tmp_path / "one", teacher)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  one = subprocess.run([sys.executable, "-m", "moedistill.train", f"--config={cfg1}"],
+                       capture_output=True, text=True, env=env, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+
+  cfg2, work2 = _config(tmp_path, teacher)
+  procs = _start_pair(cfg2)
+  while all(p.poll() is None for p in procs) and not (work2 / "checkpoints" / "4").exists():
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGKILL)  # one host dies mid stage 1 ...
+  time.sleep(1)
+  procs[0].send_signal(signal.SIGKILL)  # ... and the job is torn down
+  for p in procs:
+    p.communicate(timeout=60)
+  assert not (work2 / "export").exists()
+  procs = _start_pair(cfg2)  # restart both
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "resumed from" in outs[0][0]
+  a, b = tensors(work1 / "export" / "model.safetensors"), tensors(
+      work2 / "export" / "model.safetensors")
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
