@@ -2,8 +2,10 @@
 
 At `path` (a directory or kvstore URL):
   tokens [n, L] int32, segment_ids [n, L] int32, topk_idx [n, L, k] int32,
-  topk_logit [n, L, k] bf16 (raw teacher logits), lse [n, L, s] f32 (full-vocab logsumexp of
-  logits/T for each cached T), done [n_chunks] uint8 (the resume map), metadata.json.
+  topk_logit [n, L, k] bf16 (teacher logits minus their row max, so topk_logit[..., 0] = 0),
+  lse [n, L, s] f32 (full-vocab logsumexp of the same shifted logits / T, for each cached T),
+  done [n_chunks] uint8 (the resume map), metadata.json.
+p_i = exp(topk_logit_i / T - lse_T) is the teacher's exact probability at T.
 Arrays are chunked along rows (`rows_per_chunk`); every chunk carries a crc32c checksum, so a
 damaged chunk is detected on read and reported with its rows.
 """
@@ -18,7 +20,7 @@ import tensorstore as ts
 
 from moedistill.errors import UserError
 
-FORMAT = "moedistill-topk-v1"
+FORMAT = "moedistill-topk-v2"  # v2: logits stored shifted by the row max
 CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 * 2**20}})
 IGNORED_FIELDS = ("complete", "stats")  # may differ between an interrupted and a resumed run
 

@@ -26,7 +26,7 @@ from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.train_step import labels_and_mask
 
 SETTINGS = dict(
-    train_docs=6000, heldout_docs=400, train_seed=1, heldout_seed=2, vocab_size=256,
+    train_docs=30000, heldout_docs=400, train_seed=1, heldout_seed=2, vocab_size=256,
     seq_len=128, batch_size=32, lr=3e-3, warmup=100, weight_decay=0.01, init_seed=0,
     model=dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

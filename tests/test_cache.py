@@ -39,6 +39,7 @@ def test_cache_matches_pytorch_oracle(tmp_path, teacher_dir):
       cols = np.flatnonzero(a["segment_ids"][r] == s)
       with torch.no_grad():  # each packed document alone, from position 0
         z = torch_model(torch.tensor(a["tokens"][r, cols][None])).logits[0].double().numpy()
+      z = z - z.max(-1, keepdims=True)  # the cache stores logits shifted by the row max
       order = np.argsort(-z, axis=-1, kind="stable")[:, :meta["k"]]
       ref_v = np.take_along_axis(z, order, -1)
       got_i, got_v = a["topk_idx"][r, cols], a["topk_logit"][r, cols].astype(np.float64)
@@ -48,6 +49,7 @@ def test_cache_matches_pytorch_oracle(tmp_path, teacher_dir):
       tie = np.minimum(gaps[:, :-1], gaps[:, 1:]) < 1e-5
       assert ((got_i == order) | tie).all()
       np.testing.assert_allclose(got_v, ref_v, rtol=2 ** -8, atol=1e-6)  # bf16 rounding
+      assert (got_v[:, 0] == 0).all()
       for j, t in enumerate(meta["temperatures"]):
         ref_lse = np.log(np.exp(z / t - (z / t).max(-1, keepdims=True)).sum(-1)) + (
             z / t).max(-1)
