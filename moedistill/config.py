@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from moedistill.data import DataSpec
 from moedistill.errors import ConfigError
+from moedistill.model.moe import BACKENDS
 from moedistill.sharding import MeshConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -23,6 +24,11 @@ SCHEDULES = ("cosine", "linear", "constant")
 def _check(cond, msg):
   if not cond:
     raise ConfigError(msg)
+
+
+def _choice(value, choices, field):
+  _check(value in choices, f"config.{field}={value!r}: expected one of {list(choices)}")
+  return value
 
 
 def _dtype(name, field):
@@ -187,8 +193,10 @@ def job_from_config(c) -> Job:
       eval_data=_data(c, c.data.eval, tokenizer, "eval"), cache=_cache(c),
       model=ModelRuntimeConfig(dtype=_dtype(m.dtype, "model.dtype"),
                                param_dtype=_dtype(m.param_dtype, "model.param_dtype"),
-                               moe_backend=m.moe_backend, capacity_factor=m.capacity_factor,
-                               remat=m.remat),
+                               moe_backend=_choice(m.moe_backend, ("auto", *BACKENDS),
+                                                   "model.moe_backend"),
+                               capacity_factor=m.capacity_factor,
+                               remat=_choice(m.remat, ("none", "full"), "model.remat")),
       mesh=MeshConfig(**{a: c.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}),
       student_init=st.init_from or str(Path(c.workdir, "student_init")), ranks=ranks,
       train=_train(c))

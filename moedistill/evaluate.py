@@ -15,32 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moedistill import hf, loss
+from moedistill import hf
 from moedistill.cache import CacheReader
 from moedistill.errors import UserError, cli_main
-from moedistill.fused_stats import vocab_stats
-from moedistill.train_step import labels_and_mask
+from moedistill.train_step import StepConfig, micro_loss
 
 
 def make_eval_fn(model, temperature: float, t_index: int, chunk: int = 4096):
+  """Metric sums of one batch: the training loss path in bucket mode, alpha 1, no aux."""
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def fn(state, batch):
-    m = nnx.merge(graphdef, state)
-    tokens, segs = batch["tokens"], batch["segment_ids"]
-    labels, mask = labels_and_mask(tokens, segs)
-    h, _ = m.hidden(tokens, segs)
-    b, t, d = h.shape
-    k = batch["topk_idx"].shape[-1]
-    idx = batch["topk_idx"].reshape(b * t, k)
-    stats = vocab_stats(h.reshape(b * t, d), m.lm_head_kernel(), idx, labels.reshape(-1),
-                        temperature, chunk)
-    _, sums = loss.loss_from_stats(stats, idx, batch["topk_logit"].reshape(b * t, k),
-                                   batch["lse"][..., t_index].reshape(-1), mask.reshape(-1),
-                                   alpha=1.0, temperature=temperature, mode="bucket")
-    return sums
-
+  sc = StepConfig(alpha=1.0, temperature=temperature, mode="bucket", t_index=t_index,
+                  vocab_chunk=chunk, micro_batches=1, aux_coef=0.0,
+                  top_k=model.config.num_experts_per_tok)
+  fn = jax.jit(lambda state, batch: micro_loss(nnx.merge(graphdef, state), batch, 1.0, sc)[1])
   return lambda batch: fn(state, batch)
 
 
@@ -60,6 +47,8 @@ def evaluate_model(model, reader: CacheReader, *, temperature: float = 1.0,
     rows["segment_ids"][len(real):] = 0  # fixed batch shape; padding rows count for nothing
     sums = jax.device_get(fn({k: jnp.asarray(v) for k, v in rows.items()}))
     for k, v in sums.items():
+      if k in ("router_aux", "moe_dropped"):
+        continue
       totals[k] = totals.get(k, 0.0) + float(v)
   tok = max(totals["tokens"], 1.0)
   return {"ppl": math.exp(totals["ce"] / tok), "ce": totals["ce"] / tok,

@@ -106,7 +106,7 @@ def open_checkpoint(path) -> tuple[dict[str, st.SafetensorsFile], dict]:
 
 
 def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend="ragged",
-               capacity_factor=1.25, put: Callable | None = None):
+               capacity_factor=1.25, remat="none", put: Callable | None = None):
   """Returns (model, config). `put(abstract_var, np_array) -> jax.Array` places each param
   (default: jnp.asarray); moedistill.sharding.sharded_put(mesh) shards it over a mesh."""
   by_key, raw = open_checkpoint(path)
@@ -114,7 +114,7 @@ def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend=
   cfg = ModelConfig.from_hf_dict(raw, source=source)
   comp = Compression.from_dict(raw["compression"], source) if raw.get("compression") else None
   rt = Runtime(dtype=dtype, param_dtype=param_dtype, moe_backend=moe.resolve_backend(moe_backend),
-               capacity_factor=capacity_factor)
+               capacity_factor=capacity_factor, remat=remat)
   abstract = nnx.eval_shape(
       lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=rt, compression=comp))
   graphdef, state = nnx.split(abstract)

@@ -20,6 +20,7 @@ class Runtime:
   param_dtype: jnp.dtype = jnp.float32
   moe_backend: str = "ragged"
   capacity_factor: float = 1.25
+  remat: str = "none"  # none | full: recompute each decoder layer in the backward pass
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, rt: Runtime, init: str = "normal") -> nnx.Param:

@@ -142,8 +142,10 @@ class Qwen3MoeForCausalLM(nnx.Module):
                       else jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape))
     x_btd = self.embed_tokens(tokens_bt).astype(self.runtime.dtype)
     router_logits, dropped = [], jnp.zeros((), jnp.int32)
+    call = (nnx.remat(lambda lyr, *a: lyr(*a)) if self.runtime.remat == "full"
+            else lambda lyr, *a: lyr(*a))
     for layer in self.layers:
-      x_btd, logits, drop = layer(x_btd, positions_bt, segment_ids_bt)
+      x_btd, logits, drop = call(layer, x_btd, positions_bt, segment_ids_bt)
       if logits is not None:
         router_logits.append(logits)
         dropped = dropped + drop
