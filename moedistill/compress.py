@@ -100,9 +100,9 @@ def main(argv=None):
   teacher, _ = hf.load_model(args.teacher)
   student, report = compress_model(teacher, comp)
   print_report(report, param_count(teacher), param_count(student))
-  hf.save_model(student, out, tokenizer_from=args.teacher)
-  (out / "compression_report.json").write_text(json.dumps(
-      {"compression": dataclasses.asdict(comp), "layers": report}, indent=2))
+  hf.save_model(student, out, tokenizer_from=args.teacher, extra_files={
+      "compression_report.json": json.dumps(
+          {"compression": dataclasses.asdict(comp), "layers": report}, indent=2)})
   print(f"wrote {out}")
 
 

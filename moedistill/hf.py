@@ -174,7 +174,7 @@ class _MergedView(dict):
 
 
 def save_model(model, path, *, merged: bool = False, max_shard_bytes: int = 5 * 2**30,
-               dtype=None, tokenizer_from=None):
+               dtype=None, tokenizer_from=None, extra_files: dict[str, str] | None = None):
   """Writes HF safetensors (sharded past max_shard_bytes, with index), config.json and, from
   `tokenizer_from`, the tokenizer files. `dtype` casts on the way out (default: param dtype).
   A compressed model is written in its native compact form, or with `merged=True` as a
@@ -229,6 +229,8 @@ def save_model(model, path, *, merged: bool = False, max_shard_bytes: int = 5 * 
     for name in TOKENIZER_FILES:
       if (Path(tokenizer_from) / name).exists():
         shutil.copyfile(Path(tokenizer_from) / name, path / name)
+  for name, text in (extra_files or {}).items():
+    (path / name).write_text(text)
   if final.exists():
     shutil.rmtree(final)
   os.replace(path, final)

@@ -3,6 +3,7 @@ as a table, <workdir>/report.json and a PNG of the loss curves per stage."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from moedistill import hf
@@ -35,6 +36,8 @@ def write_report(job: Job) -> dict:
 
 
 def plot_losses(workdir: Path):
+  # matplotlib caches fonts under ~/.cache unless told otherwise: keep writes in the workdir.
+  os.environ.setdefault("MPLCONFIGDIR", str(workdir / ".matplotlib"))
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

@@ -90,9 +90,13 @@ def _run_until(cfg, workdir, step_dir, sig):
 def test_sigkill_mid_stage_and_at_stage_boundary_resume_bit_identical(tmp_path, reference):
   ref_tmp, ref_job, ref_export = reference
   c = small(tmp_path, ref_tmp / "teacher")
+  c.train.checkpoint_every = 1
   cfg = write_config_file(tmp_path, c)
-  assert _run_until(cfg, c.workdir, 4, signal.SIGKILL)[0] == -signal.SIGKILL  # mid stage 1
-  assert _run_until(cfg, c.workdir, 6, signal.SIGKILL)[0] == -signal.SIGKILL  # stage boundary
+  # Five seeded kill points: right after the stage-1 boundary (step 6) and four others.
+  rng = np.random.default_rng(0)
+  points = sorted({6, *rng.choice([1, 2, 3, 4, 5, 7, 8, 9], 4, replace=False).tolist()})
+  for step in points:
+    assert _run_until(cfg, c.workdir, step, signal.SIGKILL)[0] == -signal.SIGKILL, step
   done = subprocess.run([sys.executable, "-m", "moedistill.train", f"--config={cfg}"],
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
