@@ -36,6 +36,30 @@ def factor_experts(w_eio, rank: int, freq_e=None):
   return core, u[:, :, :rank] * root[:, None, :], root[:, :, None] * vt[:, :rank, :]
 
 
+def routing_frequency(teacher, reader, max_rows: int = 256, batch: int = 8):
+  """Per MoE layer, how often each expert is among a token's top-k on cached rows."""
+  cfg = teacher.config
+  graphdef, state = nnx.split(teacher)
+
+  @jax.jit
+  def counts(state, tokens, segs):
+    _, aux = nnx.merge(graphdef, state).hidden(tokens, segs)
+    valid = (segs > 0).reshape(-1, 1).astype(jnp.float32)
+    out = []
+    for logits in aux["router_logits"]:
+      _, sel = jax.lax.top_k(logits.reshape(-1, cfg.num_experts), cfg.num_experts_per_tok)
+      out.append(jnp.sum(jax.nn.one_hot(sel, cfg.num_experts).sum(1) * valid, 0))
+    return out
+
+  n = min(reader.rows, max_rows)
+  total = [np.zeros(cfg.num_experts) for _ in cfg.moe_layers]
+  for lo in range(0, n, batch):
+    rows = reader.read_rows(np.arange(lo, min(lo + batch, n)))
+    for acc, c in zip(total, counts(state, rows["tokens"], rows["segment_ids"])):
+      acc += np.asarray(c)
+  return dict(zip(cfg.moe_layers, total))
+
+
 def param_count(model) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
@@ -86,6 +110,11 @@ def parse_args(argv):
   ap.add_argument("--rank", type=int, required=True, help="wrapper rank for gate/up/down")
   for q in PROJS:
     ap.add_argument(f"--rank_{q}", type=int, default=None, help=f"override the {q} rank")
+  ap.add_argument("--core", default="mean", choices=("mean", "routing_weighted"),
+                  help="core = plain mean of the experts, or weighted by routing frequency")
+  ap.add_argument("--cache", default="", help="routing_weighted: a teacher cache whose rows "
+                  "measure the routing frequency (e.g. <workdir>/cache/train)")
+  ap.add_argument("--max_rows", type=int, default=256, help="rows used to measure routing")
   ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   return ap.parse_args(argv)
 
@@ -96,9 +125,15 @@ def main(argv=None):
   out = Path(args.out)
   if out.exists() and not args.overwrite:
     raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it")
-  comp = Compression(*(getattr(args, f"rank_{q}") or args.rank for q in PROJS))
+  comp = Compression(*(getattr(args, f"rank_{q}") or args.rank for q in PROJS), core=args.core)
+  if args.core == "routing_weighted" and not args.cache:
+    raise ConfigError("--core=routing_weighted needs --cache=PATH (rows to measure routing on)")
   teacher, _ = hf.load_model(args.teacher)
-  student, report = compress_model(teacher, comp)
+  freq = None
+  if args.core == "routing_weighted":
+    from moedistill.cache import CacheReader
+    freq = routing_frequency(teacher, CacheReader(args.cache), args.max_rows)
+  student, report = compress_model(teacher, comp, freq)
   print_report(report, param_count(teacher), param_count(student))
   hf.save_model(student, out, tokenizer_from=args.teacher, extra_files={
       "compression_report.json": json.dumps(

@@ -231,7 +231,10 @@ def save_model(model, path, *, merged: bool = False, max_shard_bytes: int = 5 * 
         shutil.copyfile(Path(tokenizer_from) / name, path / name)
   for name, text in (extra_files or {}).items():
     (path / name).write_text(text)
-  if final.exists():
-    shutil.rmtree(final)
+  old = final.with_name(final.name + ".old")
+  if final.exists():  # the previous output is removed only once the new one is complete
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
   os.replace(path, final)
+  shutil.rmtree(old, ignore_errors=True)
   return final

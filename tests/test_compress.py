@@ -100,3 +100,27 @@ def test_cli_compress_and_bad_rank(tmp_path, hf_tiny):
   bad = run(f"--teacher={path}", f"--out={tmp_path / 't'}", "--rank=99")
   assert bad.returncode == 2 and "rank_gate=99" in bad.stderr
   assert "Traceback" not in bad.stderr and not (tmp_path / "t").exists()
+
+
+def test_routing_weighted_core(tmp_path, teacher_dir):
+  from conftest import job_config
+  from moedistill.cache import CacheReader
+  from moedistill.cache_logits import build_cache
+  from moedistill.config import job_from_config
+  path, _ = teacher_dir
+  job = job_from_config(job_config(tmp_path, path))
+  reader = CacheReader(build_cache(job, "eval", progress=False))
+  teacher, cfg = hf.load_model(path)
+  freq = compress.routing_frequency(teacher, reader)
+  assert set(freq) == set(cfg.moe_layers)
+  n_tokens = int((np.asarray(reader.read_rows(np.arange(reader.rows))["segment_ids"]) > 0).sum())
+  for f in freq.values():
+    assert f.sum() == n_tokens * cfg.num_experts_per_tok
+  full = min(cfg.hidden_size, cfg.moe_intermediate_size)
+  student, _ = compress.compress_model(teacher, Compression(full, full, full, "routing_weighted"),
+                                       freq)
+  w = np.asarray(hf.state_arrays(teacher)[("layers", 0, "mlp", "experts", "up_proj")])
+  core = np.asarray(hf.state_arrays(student)[("layers", 0, "mlp", "experts", "shared_core",
+                                                "up")])
+  np.testing.assert_allclose(core, np.einsum("e,eio->io", freq[0] / freq[0].sum(), w), atol=1e-6)
+  np.testing.assert_allclose(student(_tokens(cfg))[0], teacher(_tokens(cfg))[0], atol=1e-4)
