@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -122,7 +123,7 @@ def _prepare(path, meta, overwrite: bool) -> bool:
     cache.open_arrays(path, meta)
     return False
   if old is not None:
-    cache.kvstore(path).delete_range(__import__("tensorstore").KvStore.KeyRange()).result()
+    cache.kvstore(path).delete_range(ts.KvStore.KeyRange()).result()
   try:
     cache.open_arrays(path, meta, create=True)
     cache.write_metadata(path, meta)
@@ -143,7 +144,7 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None,
   cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
   check_inputs(job, rows, cfg)
   meta = make_metadata(job, spec, cfg, rows)
-  p, P = jax.process_index(), jax.process_count()
+  p = jax.process_index()
   done_already = _prepare(path, meta, overwrite) if p == 0 else False
   done_already = bool(multihost_utils.broadcast_one_to_all(np.asarray(done_already)))
   if done_already:

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from moedistill import safetensors_io as st
-from moedistill.errors import CheckpointFileError, ConfigError
+from moedistill.errors import CheckpointFileError
 from moedistill.model.config import ModelConfig
 from moedistill.model import moe
 from moedistill.model.layers import Runtime

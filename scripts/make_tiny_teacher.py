@@ -8,7 +8,6 @@ model.safetensors, tokenizer files, training.json with these settings and the fi
 """
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path

@@ -1,7 +1,5 @@
 """compress, export, evaluate and params refuse bad input with one line naming the value:
 exit 2, no traceback, no file changed (cache_logits and train: their own test files)."""
-import json
-
 import pytest
 
 from conftest import job_config, make_hf_checkpoint, run_cli, write_config_file

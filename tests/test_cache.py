@@ -1,6 +1,5 @@
 """Teacher cache: matches a PyTorch oracle, resumes after SIGKILL to identical arrays, refuses
 mismatched metadata, and reads batches as a pure function of (seed, step)."""
-import os
 import signal
 import subprocess
 import sys

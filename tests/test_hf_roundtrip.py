@@ -1,7 +1,6 @@
 """save_model output loads in transformers; load -> save -> load is bit-identical; bad files."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

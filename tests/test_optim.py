@@ -3,7 +3,6 @@ LR multipliers give the expected update ratio, default weight-decay exclusions."
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from moedistill import optim

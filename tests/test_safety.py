@@ -14,7 +14,7 @@ from moedistill.errors import CheckpointFileError
 
 def test_pickle_checkpoint_is_refused(tmp_path):
   import torch
-  model = make_hf_checkpoint(tmp_path)
+  make_hf_checkpoint(tmp_path)
   (tmp_path / "model.safetensors").unlink()
   marker = tmp_path / "pwned"
 
