@@ -98,7 +98,7 @@ def make_train_step(graphdef, template, tx: optax.GradientTransformation, sc: St
     metrics = loss.finalize(sums["kd_total"], {k: v for k, v in sums.items()
                                                if k not in ("router_aux", "moe_dropped")})[1]
     metrics.update(loss=total, router_aux=sums["router_aux"] / sc.micro_batches,
-                   moe_dropped=sums["moe_dropped"], grad_norm=optax.global_norm(grads))
+                   moe_dropped=sums["moe_dropped"], grad_norm=optax.tree.norm(grads))
     return trainable, opt_state, metrics
 
   return step

@@ -6,10 +6,15 @@ from conftest import job_config, make_hf_checkpoint, run_cli, write_config_file
 from test_cache_bad_input import snapshot
 
 
-@pytest.fixture
-def setup(tmp_path, teacher_dir):
-  """A teacher, a native student and a small eval cache."""
-  path, _ = teacher_dir
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A teacher, a native student and a small eval cache, shared by the cases (each case only
+  adds its own uniquely named inputs and checks nothing else changes)."""
+  from conftest import make_tokenizer
+  tmp_path = tmp_path_factory.mktemp("bad_cli")
+  path = tmp_path / "teacher"
+  make_hf_checkpoint(path, vocab_size=64)
+  make_tokenizer(path)
   assert run_cli("moedistill.compress", f"--teacher={path}", f"--out={tmp_path / 'student'}",
                  "--rank=2").returncode == 0
   good = write_config_file(tmp_path, job_config(tmp_path, path), "good.py")
