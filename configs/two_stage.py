@@ -62,7 +62,7 @@ def get_config(arg: str = ""):
   c.cache.codec = "zstd"               # zstd | none (a crc32c checksum is always stored)
 
   c.model = ml_collections.ConfigDict()
-  c.model.dtype = "float32"            # compute dtype (bfloat16 on accelerators)
+  c.model.dtype = "auto"               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
   c.model.param_dtype = "float32"      # parameter dtype
   c.model.moe_backend = "auto"         # auto | ragged | capacity
   c.model.capacity_factor = 1.25       # capacity backend only

@@ -32,7 +32,12 @@ def _choice(value, choices, field):
 
 
 def _dtype(name, field):
-  _check(name in DTYPES, f"config.{field}={name!r}: expected one of {sorted(DTYPES)}")
+  """`auto` (compute dtype): bfloat16 on accelerators, float32 on CPU (where bf16 is emulated
+  and slower)."""
+  if name == "auto":
+    import jax
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  _check(name in DTYPES, f"config.{field}={name!r}: expected one of {sorted(DTYPES)} or 'auto'")
   return DTYPES[name]
 
 
