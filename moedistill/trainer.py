@@ -142,54 +142,55 @@ class Trainer:
   def _on_sigterm(self, *_):
     self.sigterm = True
 
+  def _compile_step(self, stage: Stage, tx, trainable, opt_state):
+    shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+    return jax.jit(make_train_step(self.graphdef, self.template, tx, self._step_config(stage)),
+                   donate_argnums=(0, 2),
+                   out_shardings=(shard_of(trainable), shard_of(opt_state),
+                                  sharding.replicated(self.mesh)))
+
+  def _stop_if_not_finite(self, m, stage: Stage, s: int, g: int, bar):
+    if np.isfinite(m["loss"]):
+      return
+    bar.close()
+    last = self.ckpt.steps()
+    raise UserError(f"loss is {m['loss']} at stage {stage.name} step {s} (global {g}); "
+                    f"stopped; last good checkpoint: {last[-1] if last else 'none'}")
+
   def _run_stage(self, i: int, s0: int, opt_state):
     stage, tx, paths, rows = self._stage_setup(i)
     if jax.process_index() == 0:
       print(optim.format_table(stage, rows), flush=True)
     trainable, frozen = self._split(paths)
-    if opt_state is None:
-      opt_state = self._init_opt(tx, trainable)
-    shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-    step_fn = jax.jit(make_train_step(self.graphdef, self.template, tx,
-                                      self._step_config(stage)),
-                      donate_argnums=(0, 2),
-                      out_shardings=(shard_of(trainable), shard_of(opt_state),
-                                     sharding.replicated(self.mesh)))
+    opt_state = opt_state if opt_state is not None else self._init_opt(tx, trainable)
+    step_fn = self._compile_step(stage, tx, trainable, opt_state)
     sched = optim.schedule(stage, self.job.train, self.steps[i])
-    n, off = self.steps[i], self.offsets[i]
-    tokens_per_step = self.job.train.batch_size * self.reader.meta["seq_len"]
+    n, off, tc = self.steps[i], self.offsets[i], self.job.train
+    tokens_per_step = tc.batch_size * self.reader.meta["seq_len"]
     bar = tqdm(total=n, initial=s0, desc=f"stage {stage.name}", unit="step",
                disable=not (self.progress and jax.process_index() == 0), mininterval=1.0)
-    nxt = self.pool.submit(self._batch, off + s0)
-    t0 = time.time()
-    for s in range(s0, n):
+    nxt, t0 = self.pool.submit(self._batch, off + s0), time.time()
+    for s in range(s0 + 1, n + 1):  # s: steps done in this stage after this iteration
       local = nxt.result()
-      if s + 1 < n:
-        nxt = self.pool.submit(self._batch, off + s + 1)  # read ahead while this step runs
+      if s < n:
+        nxt = self.pool.submit(self._batch, off + s)  # read ahead while this step runs
       batch = {k: sharding.global_batch(self.mesh, local[k]) for k in BATCH_KEYS}
       trainable, opt_state, m = step_fn(trainable, frozen, opt_state, batch)
       m = {k: float(v) for k, v in jax.device_get(m).items()}
-      if not np.isfinite(m["loss"]):
-        bar.close()
-        last = self.ckpt.steps()
-        raise UserError(f"loss is {m['loss']} at stage {stage.name} step {s + 1} (global "
-                        f"{off + s + 1}); stopped; last good checkpoint: "
-                        f"{last[-1] if last else 'none'}")
-      tps = tokens_per_step * (s + 1 - s0) / max(time.time() - t0, 1e-9)
+      self._stop_if_not_finite(m, stage, s, off + s, bar)
+      tps = tokens_per_step * (s - s0) / max(time.time() - t0, 1e-9)
       bar.update(1)
       bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-      row = {"stage": stage.name, "step": s + 1, "global_step": off + s + 1,
-             "lr": float(sched(s)), "tokens_per_s": tps, **m}
-      if (s + 1) % self.job.train.log_every == 0 or s + 1 == n:
-        self.logger.log(row)
-      last = s + 1 == n
-      if last or (s + 1) % self.job.train.checkpoint_every == 0 or self.sigterm:
+      if s % tc.log_every == 0 or s == n:
+        self.logger.log({"stage": stage.name, "step": s, "global_step": off + s,
+                         "lr": float(sched(s - 1)), "tokens_per_s": tps, **m})
+      if s == n or s % tc.checkpoint_every == 0 or self.sigterm:
         self.params = {**trainable, **frozen}
-        self.ckpt.save(off + s + 1, {"params": self.params, "opt_state": opt_state},
-                       {"stage": i, "step_in_stage": s + 1, "global_step": off + s + 1,
+        self.ckpt.save(off + s, {"params": self.params, "opt_state": opt_state},
+                       {"stage": i, "step_in_stage": s, "global_step": off + s,
                         "seed": self.job.seed}, wait=self.sigterm)
       if self.sigterm:
         bar.close()
-        raise Preempted(f"SIGTERM: saved checkpoint at global step {off + s + 1}")
+        raise Preempted(f"SIGTERM: saved checkpoint at global step {off + s}")
     bar.close()
     self.params = {**trainable, **frozen}
