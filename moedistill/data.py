@@ -4,7 +4,7 @@ Documents (a `datasets` hub name, or local json/jsonl/parquet/txt files) are tok
 special tokens, each followed by EOS, concatenated and cut into rows of `seq_len`. Segment ids
 (1, 2, ... per row; 0 = padding in the last row) keep packed documents apart in attention, so
 teacher and student see identical rows. Position t is trained to predict token t+1 only
-inside one segment (`labels_and_mask`).
+inside one segment (`train_step.labels_and_mask`).
 """
 from __future__ import annotations
 
@@ -175,16 +175,3 @@ def build_rows(spec: DataSpec) -> Rows:
     tokens, segs = tokens[: spec.max_rows], segs[: spec.max_rows]
   fp, th = fingerprint(spec, source_fp)
   return Rows(tokens, segs, fp, th, len(tok))
-
-
-def labels_and_mask(tokens, segment_ids):
-  """labels[t] = tokens[t+1]; mask[t] = 1 where t and t+1 are in the same (non-pad) segment."""
-  labels = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], axis=1)
-  same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0)
-  mask = np.concatenate([same, np.zeros_like(same[:, :1])], axis=1)
-  return labels, mask.astype(np.float32)
-
-
-def describe(rows: Rows) -> str:
-  return json.dumps({"rows": len(rows.tokens), "seq_len": rows.tokens.shape[1],
-                     "fingerprint": rows.fingerprint})

@@ -11,7 +11,6 @@ import math
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moedistill.errors import ConfigError
@@ -63,14 +62,6 @@ def spec_for(shape, logical_axes, mesh: Mesh) -> P:
       used.add(axis)
       out.append(axis)
   return P(*out)
-
-
-def state_shardings(state, mesh: Mesh):
-  """NamedSharding for every Variable of an (abstract) NNX state, from its logical_axes."""
-  def one(v):
-    axes = v.get_metadata().get("logical_axes") if hasattr(v, "get_metadata") else None
-    return v.replace(NamedSharding(mesh, spec_for(v.shape, axes, mesh)))
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def sharded_put(mesh: Mesh):

@@ -37,7 +37,7 @@ def ensure_caches(job: Job, mesh):
     if not finished(job, split):
       if teacher is None:
         teacher = load(job, job.teacher, mesh)
-      build_cache(job, split, mesh=mesh, teacher=teacher)
+      build_cache(job, split, mesh=mesh, teacher=teacher, checked=True)
 
 
 def ensure_student(job: Job):
