@@ -68,7 +68,7 @@ def check_against_cache(job: Job, reader: cache.CacheReader, cfg):
 
 def preflight(job: Job):
   """Every check that needs no weights and no cache, before any slow work starts."""
-  from moedistill import optim, params as P
+  from moedistill import optim, param_tree as P
   from moedistill.model.config import ModelConfig
   cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
   shapes = P.shapes(P.abstract_student(cfg, Compression(*job.ranks)))
@@ -101,7 +101,7 @@ def train(job: Job, *, progress: bool = True):
   params = {k: sharding.to_host(v) for k, v in trainer.run().items()}  # all processes
   export = workdir / "export"
   if jax.process_index() == 0:
-    from moedistill import params as P
+    from moedistill import param_tree as P
     final = P.merge(trainer.graphdef, trainer.template, params)
     hf.save_model(final, export, merged=True, tokenizer_from=job.teacher)
   from jax.experimental import multihost_utils

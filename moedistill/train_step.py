@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moedistill import loss, params as P
+from moedistill import loss, param_tree as P
 from moedistill.fused_stats import vocab_stats
 
 BATCH_KEYS = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse")

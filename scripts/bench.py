@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moedistill import params as P  # noqa: E402
+from moedistill import param_tree as P  # noqa: E402
 from moedistill.config import Group, Stage, TrainConfig  # noqa: E402
 from moedistill.model import moe  # noqa: E402
 from moedistill.model.config import ModelConfig  # noqa: E402

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moedistill import corpus, hf, params as P
+from moedistill import corpus, hf, param_tree as P
 from moedistill.data import pack
 from moedistill.model.config import ModelConfig
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM

@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from moedistill import optim, params as P, sharding  # noqa: E402
+from moedistill import optim, param_tree as P, sharding  # noqa: E402
 from moedistill.config import Group, Stage, TrainConfig  # noqa: E402
 from moedistill.model import tiny  # noqa: E402
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402

@@ -42,7 +42,7 @@ def test_bf16_compute_train_step_close_to_f32():
   from flax import nnx
 
   import sharded_step_check as S
-  from moedistill import optim, params as P
+  from moedistill import optim, param_tree as P
   from moedistill.config import Group, Stage, TrainConfig
   from moedistill.model import tiny
   from moedistill.model.layers import Runtime
