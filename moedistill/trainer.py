@@ -25,15 +25,6 @@ def stage_steps(stage: Stage, rows: int, batch_size: int) -> int:
   return stage.steps or max(1, math.ceil(stage.epochs * rows / batch_size))
 
 
-def jit_train_step(graphdef, template, tx, sc: StepConfig, trainable, opt_state, mesh):
-  """The jitted train step (also what `moedistill.plan` compiles with abstract inputs):
-  params and optimizer state keep their shardings and are donated."""
-  shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-  return jax.jit(make_train_step(graphdef, template, tx, sc), donate_argnums=(0, 2),
-                 out_shardings=(shard_of(trainable), shard_of(opt_state),
-                                sharding.replicated(mesh)))
-
-
 class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was written."""
 
@@ -90,7 +81,14 @@ class Trainer:
   def _init_opt(self, tx, trainable):
     """Optimizer state on the mesh: moments follow their params' shardings; scalars (step
     counts) are replicated rather than left on one device."""
-    out = sharding.opt_state_shardings(tx, trainable, self.mesh)
+    rep = sharding.replicated(self.mesh)
+
+    def leaf_sharding(path, _):
+      keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+      hit = next((k for k in reversed(keys) if k in trainable), None)
+      return trainable[hit].sharding if hit is not None else rep
+
+    out = jax.tree_util.tree_map_with_path(leaf_sharding, jax.eval_shape(tx.init, trainable))
     return jax.jit(tx.init, out_shardings=out)(trainable)
 
   def _abstract_for(self, meta):
@@ -145,8 +143,11 @@ class Trainer:
     self.sigterm = True
 
   def _compile_step(self, stage: Stage, tx, trainable, opt_state):
-    return jit_train_step(self.graphdef, self.template, tx, self._step_config(stage),
-                          trainable, opt_state, self.mesh)
+    shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+    return jax.jit(make_train_step(self.graphdef, self.template, tx, self._step_config(stage)),
+                   donate_argnums=(0, 2),
+                   out_shardings=(shard_of(trainable), shard_of(opt_state),
+                                  sharding.replicated(self.mesh)))
 
   def _stop_if_not_finite(self, m, stage: Stage, s: int, g: int, bar):
     if np.isfinite(m["loss"]):
