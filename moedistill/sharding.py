@@ -2,7 +2,10 @@
 
 Mesh axes: data, fsdp, expert, tensor. Modules name logical axes on their params
 (`logical_axes` metadata); RULES maps each to a mesh axis. Batches shard their leading dim
-over data x fsdp x expert. A dim that an axis does not divide stays replicated on that axis.
+over data x fsdp x expert. A dim that an axis does not divide stays replicated on that axis,
+except fsdp: a matrix whose named dims leave fsdp unused shards its largest free divisible dim
+over it instead (wrapper factors such as `gate_b [e, r, f]` name no fsdp dim), so every large
+param and its optimizer state is split under fsdp whatever its shape.
 """
 from __future__ import annotations
 
@@ -61,7 +64,42 @@ def spec_for(shape, logical_axes, mesh: Mesh) -> P:
     else:
       used.add(axis)
       out.append(axis)
+  n = mesh.shape["fsdp"]
+  if n > 1 and "fsdp" not in used and len(shape) >= 2:  # vectors (norms) stay replicated
+    free = [i for i, d in enumerate(shape) if out[i] is None and d % n == 0]
+    if free:
+      out[max(free, key=lambda i: shape[i])] = "fsdp"
   return P(*out)
+
+
+def check_model_fits_mesh(cfg, mesh: Mesh):
+  """A mesh axis that cannot split what it is meant to split is a config error, not a
+  silent replication: tensor splits heads and vocab, expert splits experts."""
+  need = (("tensor", "num_attention_heads", cfg.num_attention_heads),
+          ("tensor", "num_key_value_heads", cfg.num_key_value_heads),
+          ("tensor", "vocab_size", cfg.vocab_size),
+          ("expert", "num_experts", cfg.num_experts or 1))
+  for axis, field, n in need:
+    if n % mesh.shape[axis]:
+      raise ConfigError(f"config.mesh.{axis}={mesh.shape[axis]} does not divide the model's "
+                        f"{field}={n}")
+
+
+def param_sharding(mesh: Mesh, shape, logical_axes) -> NamedSharding:
+  return NamedSharding(mesh, spec_for(shape, logical_axes, mesh))
+
+
+def opt_state_shardings(tx, trainable, mesh: Mesh):
+  """Shardings of tx.init(trainable) (arrays or ShapeDtypeStructs with .sharding): moments
+  follow their params' shardings; scalars (step counts) are replicated."""
+  rep = replicated(mesh)
+
+  def leaf_sharding(path, _):
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    hit = next((k for k in reversed(keys) if k in trainable), None)
+    return trainable[hit].sharding if hit is not None else rep
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, jax.eval_shape(tx.init, trainable))
 
 
 def sharded_put(mesh: Mesh):
