@@ -1,11 +1,18 @@
-"""Shared CLI plumbing: --config (ml_collections file, lock_config=True), overrides
-(--config.a.b=v), multi-host start-up, and one-line errors for bad input.
+"""The one flag/config/error stack of every command (`python -m moedistill.<command>`).
 
-Multi-host: pass --coordinator=HOST:PORT --num_processes=N --process_id=I to every process
-(on TPU pods and SLURM, --coordinator=auto lets JAX discover them).
+Each command calls `run(main, extra_flags=...)` and gets:
+- `--config=FILE[:variant]` (an ml_collections `get_config` file, lock_config=True) and
+  overrides of any field, `--config.a.b=value`, lists included: `--config.cache.temperatures=1,2`,
+  `--config.data.train.source=/a.jsonl,/b.jsonl`, `--config.stages.all.groups='[(".*", 1.0)]'`
+  (values parsed with `ast.literal_eval`; bare words stay strings);
+- the multi-host flags: --coordinator=HOST:PORT --num_processes=N --process_id=I on every
+  process (on TPU pods and SLURM, --coordinator=auto lets JAX discover them);
+- one error path: bad flags, bad overrides and `UserError` print one `error: ...` line on
+  stderr and exit with status 2 (no traceback).
 """
 from __future__ import annotations
 
+import ast
 import sys
 
 from absl import app, flags, logging
@@ -14,26 +21,99 @@ from ml_collections import config_flags
 from moedistill.errors import UserError
 
 FLAGS = flags.FLAGS
-_DEFINED = False
-EXTRA = {
+# Flags that several commands take, defined by name so each reads the same everywhere.
+SHARED = {
     "overwrite": lambda: flags.DEFINE_bool("overwrite", False, "replace existing outputs"),
     "split": lambda: flags.DEFINE_enum("split", "both", ["train", "eval", "both"],
                                        "which cache to build"),
+    "phase": lambda: flags.DEFINE_enum("phase", "all", ["tokens", "logits", "all"],
+                                       "cache phase: tokenize+pack, teacher logits, or both"),
+    "verify": lambda: flags.DEFINE_bool("verify", False, "re-hash every data file instead of "
+                                        "trusting unchanged size and mtime"),
 }
 
 
+class ListParser(flags.ArgumentParser):
+  """Overrides of list-typed config fields (config_flags has no parser for `list`).
+
+  `[1, 2]`, `(1, 2)` and `1,2` give [1, 2]; `/a.jsonl,/b.jsonl` (not a Python literal)
+  gives ['/a.jsonl', '/b.jsonl']; one value gives a list of one; '' and `[]` give [].
+  Element types are checked where the config becomes a Job (`moedistill.config`)."""
+
+  def parse(self, argument):
+    if isinstance(argument, (list, tuple)):
+      return list(argument)
+    text = argument.strip()
+    if not text:
+      return []
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return [_literal_or_word(part.strip()) for part in text.split(",") if part.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+  def flag_type(self):
+    return "list"
+
+
+def _literal_or_word(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+config_flags.register_flag_parser_for_type(list, ListParser())
+
+
 def define_flags(extra=()):
-  global _DEFINED
-  if _DEFINED:
-    return
+  """--config, the multi-host flags and a command's own: names from SHARED or callables that
+  define absl flags."""
   config_flags.DEFINE_config_file("config", None, "config file (path[:variant])",
                                   lock_config=True)
   flags.DEFINE_string("coordinator", "", "multi-host: HOST:PORT of process 0, or 'auto'")
   flags.DEFINE_integer("num_processes", 1, "multi-host: number of processes")
   flags.DEFINE_integer("process_id", 0, "multi-host: this process's index")
-  for name in extra:
-    EXTRA[name]()
-  _DEFINED = True
+  for f in extra:
+    SHARED[f]() if isinstance(f, str) else f()
+
+
+def fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _one_line(text: str) -> str:
+  """absl/ml_collections errors can span lines (a config file's traceback): keep the first
+  line (which flag) and the last (what went wrong)."""
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+
+
+def _unknown_field(argv) -> str:
+  """Which --config.a.b override names no field (ml_collections raises a bare KeyError)."""
+  from ml_collections import ConfigDict
+  args = dict(a.lstrip("-").split("=", 1) for a in argv[1:] if a.startswith("--config")
+              and "=" in a)
+  config = FLAGS["config"].parser.parse(args["config"])
+  for name in args:
+    node, where = config, "config"
+    for part in name.split(".")[1:]:
+      if not isinstance(node, ConfigDict) or part not in node:
+        have = sorted(node.keys()) if isinstance(node, ConfigDict) else "none: not a section"
+        return f"--{name}: {where} has no field {part!r} (fields: {have})"
+      node, where = node[part], f"{where}.{part}"
+  return "a --config.<field> override names no field of the config"
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every refusal as one line and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(_one_line(e))
+  except (KeyError, AttributeError):  # ml_collections: an override naming no field
+    fail(_unknown_field(argv))
 
 
 def init_distributed():
@@ -48,28 +128,43 @@ def init_distributed():
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
 
 
-def load_job(argv):
+def load_job(argv=None, required: bool = True):
+  """(Job or None, FLAGS): the validated job of --config (None when it is optional and not
+  given), after starting multi-host JAX."""
   from moedistill.config import job_from_config
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {argv[1:]}: use --flag=value")
-  if FLAGS.config is None:
+  del argv  # positional arguments are refused in run()
+  try:
+    config = FLAGS.config
+  except OSError as e:  # config_flags defers a file that failed to load until first use
+    raise UserError(f"--config: {_one_line(e)}") from None
+  if config is None and required:
     raise UserError("--config is required, e.g. --config=configs/two_stage.py")
   init_distributed()
-  return job_from_config(FLAGS.config), FLAGS
+  return (None if config is None else job_from_config(config)), FLAGS
+
+
+def pick(value, flag: str, from_job):
+  """A flag's value, else what the config says (`from_job`: a value or None)."""
+  if value is not None:
+    return value
+  if from_job is None:
+    raise UserError(f"--{flag} is required (or pass --config=FILE to take it from the config)")
+  return from_job
 
 
 def run(main, extra_flags=()):
-  """absl app.run with UserError -> one stderr line, exit status 2."""
+  """absl app.run of `main(argv)` with the shared flags and the one error path."""
   define_flags(extra_flags)
 
   def wrapped(argv):
     logging.set_verbosity(logging.WARNING)  # keep stderr for what the user must read
     try:
+      if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}: use --flag=value")
       main(argv)
     except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      fail(str(e))
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)
       sys.exit(130)
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=parse_flags)

@@ -2,10 +2,10 @@
 experts (or routing-frequency weighted), wrappers = truncated SVD of each expert's delta.
 
 CLI: python -m moedistill.compress --teacher=DIR --out=DIR --rank=R [--rank_down=R2]
+     python -m moedistill.compress --config=configs/two_stage.py  (teacher, out, ranks from it)
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from moedistill import hf
-from moedistill.errors import ConfigError, cli_main
+from moedistill.cli import load_job, pick, run
+from moedistill.errors import ConfigError
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.model.shared_core import PROJS, Compression, merged_experts
 
@@ -103,43 +104,54 @@ def print_report(report, teacher_params: int, student_params: int, file=sys.stdo
         f"compression {teacher_params / student_params:.2f}x", file=file)
 
 
-def parse_args(argv):
-  ap = argparse.ArgumentParser(prog="python -m moedistill.compress", description=__doc__)
-  ap.add_argument("--teacher", required=True, help="HF Qwen3-MoE checkpoint directory")
-  ap.add_argument("--out", required=True, help="output directory (native compressed checkpoint)")
-  ap.add_argument("--rank", type=int, required=True, help="wrapper rank for gate/up/down")
+def define_flags():
+  from absl import flags
+  flags.DEFINE_string("teacher", None, "HF Qwen3-MoE checkpoint directory "
+                      "(default: config.teacher)")
+  flags.DEFINE_string("out", None, "output directory, a native compressed checkpoint "
+                      "(default: config.student.init_from, where train looks for it)")
+  flags.DEFINE_integer("rank", None, "wrapper rank for gate/up/down (default: the config's)")
   for q in PROJS:
-    ap.add_argument(f"--rank_{q}", type=int, default=None, help=f"override the {q} rank")
-  ap.add_argument("--core", default="mean", choices=("mean", "routing_weighted"),
-                  help="core = plain mean of the experts, or weighted by routing frequency")
-  ap.add_argument("--cache", default="", help="routing_weighted: a teacher cache whose rows "
-                  "measure the routing frequency (e.g. <workdir>/cache/train)")
-  ap.add_argument("--max_rows", type=int, default=256, help="rows used to measure routing")
-  ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  return ap.parse_args(argv)
+    flags.DEFINE_integer(f"rank_{q}", None, f"the {q} rank (default: --rank)")
+  flags.DEFINE_enum("core", "mean", ["mean", "routing_weighted"],
+                    "core = plain mean of the experts, or weighted by routing frequency")
+  flags.DEFINE_string("cache", None, "routing_weighted: a teacher cache whose rows measure "
+                      "the routing frequency (default: the config's train cache)")
+  flags.DEFINE_integer("max_rows", 256, "rows used to measure routing")
 
 
-@cli_main
-def main(argv=None):
-  args = parse_args(argv)
-  out = Path(args.out)
-  if out.exists() and not args.overwrite:
+def _ranks(F, job) -> list[int]:
+  """--rank_<q>, else --rank, else the config's ranks."""
+  out = []
+  for i, q in enumerate(PROJS):
+    own = getattr(F, f"rank_{q}")
+    out.append(pick(own if own is not None else F.rank, "rank", job and job.ranks[i]))
+  return out
+
+
+def main(argv):
+  job, F = load_job(argv, required=False)
+  teacher_dir = pick(F.teacher, "teacher", job and job.teacher)
+  out = Path(pick(F.out, "out", job and job.student_init))
+  if out.exists() and not F.overwrite:
     raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it")
-  comp = Compression(*(getattr(args, f"rank_{q}") or args.rank for q in PROJS), core=args.core)
-  if args.core == "routing_weighted" and not args.cache:
-    raise ConfigError("--core=routing_weighted needs --cache=PATH (rows to measure routing on)")
-  teacher, _ = hf.load_model(args.teacher)
+  comp = Compression(*_ranks(F, job), core=F.core)
+  cache = None
+  if F.core == "routing_weighted":
+    cache = pick(F.cache, "cache", job and job.cache_path("train"))
+  teacher, _ = hf.load_model(teacher_dir, **({"param_dtype": job.model.param_dtype} if job
+                                             else {}))
   freq = None
-  if args.core == "routing_weighted":
+  if cache is not None:
     from moedistill.cache import CacheReader
-    freq = routing_frequency(teacher, CacheReader(args.cache), args.max_rows)
+    freq = routing_frequency(teacher, CacheReader(cache), F.max_rows)
   student, report = compress_model(teacher, comp, freq)
   print_report(report, param_count(teacher), param_count(student))
-  hf.save_model(student, out, tokenizer_from=args.teacher, extra_files={
+  hf.save_model(student, out, tokenizer_from=teacher_dir, extra_files={
       "compression_report.json": json.dumps(
           {"compression": dataclasses.asdict(comp), "layers": report}, indent=2)})
   print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  main()
+  run(main, extra_flags=("overwrite", define_flags))

@@ -127,6 +127,8 @@ def _data(c, split_cfg, tokenizer, field) -> DataSpec:
   src = split_cfg.source
   src = (src,) if isinstance(src, str) else tuple(src)
   _check(len(src) > 0, f"config.data.{field}.source is empty: expected files or a hub name")
+  _check(all(isinstance(x, str) and x for x in src), f"config.data.{field}.source="
+         f"{list(src)!r}: expected file paths/globs or one hub dataset name")
   return DataSpec(source=src, tokenizer=tokenizer, seq_len=c.data.seq_len,
                   text_field=c.data.text_field, hub_config=split_cfg.hub_config or None,
                   split=split_cfg.split, max_rows=split_cfg.max_rows)
@@ -134,10 +136,12 @@ def _data(c, split_cfg, tokenizer, field) -> DataSpec:
 
 def _cache(c) -> CacheConfig:
   cc = c.cache
+  _check(len(cc.temperatures) > 0, "config.cache.temperatures is empty: expected positive "
+         "numbers, e.g. 1,2")
+  _check(all(_number(t) and t > 0 for t in cc.temperatures),
+         f"config.cache.temperatures={list(cc.temperatures)!r}: expected positive numbers")
   temps = tuple(float(t) for t in cc.temperatures)
   _check(cc.k >= 1, f"config.cache.k={cc.k}: expected >= 1")
-  _check(temps and all(t > 0 for t in temps),
-         f"config.cache.temperatures={list(temps)}: expected positive values")
   _check(cc.rows_per_chunk >= 1, f"config.cache.rows_per_chunk={cc.rows_per_chunk}: expected >= 1")
   _check(cc.codec in ("zstd", "none"), f"config.cache.codec={cc.codec!r}: expected zstd or none")
   return CacheConfig(path=cc.path or join(c.workdir, "cache"), k=cc.k, temperatures=temps,
@@ -145,12 +149,22 @@ def _cache(c) -> CacheConfig:
                      vocab_chunk=cc.vocab_chunk, codec=cc.codec)
 
 
+def _number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _group(name, g) -> Group:
+  ok = (isinstance(g, (list, tuple)) and 2 <= len(g) <= 3 and isinstance(g[0], str)
+        and _number(g[1]) and (len(g) < 3 or g[2] is None or _number(g[2])))
+  _check(ok, f"config.stages.{name}.groups: {g!r}, expected (regex, lr_multiplier"
+         "[, weight_decay]) with numbers for the multiplier and the decay")
+  return Group(g[0], float(g[1]), None if len(g) < 3 or g[2] is None else float(g[2]))
+
+
 def _stage(name, s, t) -> Stage:
-  groups = []
-  for g in s.groups:
-    _check(2 <= len(g) <= 3, f"config.stages.{name}.groups: {g!r}, expected "
-           "(pattern, lr_multiplier[, weight_decay])")
-    groups.append(Group(str(g[0]), float(g[1]), None if len(g) < 3 or g[2] is None else float(g[2])))
+  _check(len(s.groups) > 0, f"config.stages.{name}.groups is empty: expected (regex, "
+         "lr_multiplier[, weight_decay]) entries, e.g. [('.*', 1.0)]")
+  groups = [_group(name, g) for g in s.groups]
   alpha = t.alpha if s.get("alpha") is None else s.alpha
   temp = t.temperature if s.get("temperature") is None else s.temperature
   _check(0.0 <= alpha <= 1.0, f"config.stages.{name}.alpha={alpha}: expected a value in [0, 1]")

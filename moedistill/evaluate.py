@@ -3,12 +3,14 @@
 
 CLI: python -m moedistill.evaluate --checkpoint=DIR --cache=PATH [--temperature=1.0]
      [--batch_size=8] [--max_rows=0]
+     python -m moedistill.evaluate --config=configs/two_stage.py  (<workdir>/export on the
+     eval cache, with the config's dtypes)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,8 @@ from flax import nnx
 
 from moedistill import hf
 from moedistill.cache import CacheReader
-from moedistill.errors import UserError, cli_main
+from moedistill.cli import load_job, pick, run
+from moedistill.errors import UserError
 from moedistill.train_step import StepConfig, micro_loss
 
 
@@ -56,21 +59,27 @@ def evaluate_model(model, reader: CacheReader, *, temperature: float = 1.0,
           "tokens": int(totals["tokens"]), "temperature": temperature}
 
 
-@cli_main
-def main(argv=None):
-  ap = argparse.ArgumentParser(prog="python -m moedistill.evaluate", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--checkpoint", required=True, help="HF or native checkpoint directory")
-  ap.add_argument("--cache", required=True, help="cache path (e.g. <workdir>/cache/eval)")
-  ap.add_argument("--temperature", type=float, default=1.0)
-  ap.add_argument("--batch_size", type=int, default=8)
-  ap.add_argument("--max_rows", type=int, default=0)
-  a = ap.parse_args(argv)
-  model, _ = hf.load_model(a.checkpoint)
-  out = evaluate_model(model, CacheReader(a.cache), temperature=a.temperature,
-                       batch_size=a.batch_size, max_rows=a.max_rows)
+def define_flags():
+  from absl import flags
+  flags.DEFINE_string("checkpoint", None, "HF or native checkpoint directory "
+                      "(default: <config.workdir>/export, the distilled student)")
+  flags.DEFINE_string("cache", None, "cache path (default: the config's eval cache)")
+  flags.DEFINE_float("temperature", 1.0, "a temperature the cache holds")
+  flags.DEFINE_integer("batch_size", 8, "rows per forward")
+  flags.DEFINE_integer("max_rows", 0, "evaluate the first N rows (0 = all)")
+
+
+def main(argv):
+  job, F = load_job(argv, required=False)
+  checkpoint = pick(F.checkpoint, "checkpoint", job and str(Path(job.workdir, "export")))
+  cache = pick(F.cache, "cache", job and job.cache_path("eval"))
+  m = job and job.model  # the config's compute settings, as train's report uses
+  model, _ = hf.load_model(checkpoint, **({} if m is None else dict(
+      dtype=m.dtype, param_dtype=m.param_dtype, moe_backend=m.moe_backend)))
+  out = evaluate_model(model, CacheReader(cache), temperature=F.temperature,
+                       batch_size=F.batch_size, max_rows=F.max_rows)
   print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-  main()
+  run(main, extra_flags=(define_flags,))

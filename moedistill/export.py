@@ -8,11 +8,11 @@ CLI: python -m moedistill.export --checkpoint=DIR --out=DIR --format=merged|nati
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from moedistill import hf
-from moedistill.errors import ConfigError, cli_main
+from moedistill.cli import load_job, pick, run
+from moedistill.errors import ConfigError
 
 FORMATS = ("merged", "native")
 
@@ -29,20 +29,24 @@ def export(checkpoint, out, *, fmt: str = "merged", overwrite: bool = False,
                        tokenizer_from=tokenizer_from or checkpoint)
 
 
-@cli_main
-def main(argv=None):
-  ap = argparse.ArgumentParser(prog="python -m moedistill.export", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--checkpoint", required=True, help="native or HF checkpoint directory")
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--format", default="merged", help="merged (default) or native")
-  ap.add_argument("--max_shard_bytes", type=int, default=5 * 2**30)
-  ap.add_argument("--overwrite", action="store_true")
-  a = ap.parse_args(argv)
-  out = export(a.checkpoint, a.out, fmt=a.format, overwrite=a.overwrite,
-               max_shard_bytes=a.max_shard_bytes)
-  print(f"wrote {out} ({a.format})")
+def define_flags():
+  from absl import flags
+  flags.DEFINE_string("checkpoint", None, "native or HF checkpoint directory "
+                      "(default: config.student.init_from)")
+  flags.DEFINE_string("out", None, "output directory")
+  flags.DEFINE_string("format", "merged", "merged (default) or native")
+  flags.DEFINE_integer("max_shard_bytes", 5 * 2**30, "largest safetensors shard")
+
+
+def main(argv):
+  job, F = load_job(argv, required=False)
+  checkpoint = pick(F.checkpoint, "checkpoint", job and job.student_init)
+  if F.out is None:
+    raise ConfigError("--out is required: the directory to write")
+  out = export(checkpoint, F.out, fmt=F.format, overwrite=F.overwrite,
+               max_shard_bytes=F.max_shard_bytes)
+  print(f"wrote {out} ({F.format})")
 
 
 if __name__ == "__main__":
-  main()
+  run(main, extra_flags=("overwrite", define_flags))
