@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moedistill import hf
+from moedistill import hf, sharding
 from moedistill.cli import load_job, pick, run
 from moedistill.errors import ConfigError
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
@@ -65,33 +66,56 @@ def param_count(model) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def compress_model(teacher, comp: Compression, freq_le: dict[int, np.ndarray] | None = None):
+def factor_program(mesh, rank: int, out_shardings):
+  """The jitted per-layer compression of one projection's stacked experts w [e, i, o] (and an
+  optional routing frequency [e]): returns (core, A, B, relative reconstruction error).
+  The experts are spread over every device for the SVDs (each device factors e/n of them);
+  core, A and B leave in the student's param shardings."""
+  n = mesh.devices.size
+  rep = sharding.replicated(mesh)
+
+  def fn(w_eio, freq_e):
+    w = w_eio.astype(jnp.float32)
+    if w.shape[0] % n == 0:
+      w = jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P(mesh.axis_names)))
+    core, a, b = factor_experts(w, rank, freq_e)
+    err = jnp.linalg.norm(merged_experts(core, a, b) - w) / jnp.linalg.norm(w)
+    return core, a, b, err
+
+  return jax.jit(fn, out_shardings=(*out_shardings, rep))
+
+
+def compress_model(teacher, comp: Compression, freq_le: dict[int, np.ndarray] | None = None,
+                   mesh=None):
   """Returns (student, report): report rows are per MoE layer, relative Frobenius error per
-  projection of the reconstructed experts."""
+  projection of the reconstructed experts. Runs on `mesh` (default: one device): every
+  process of a multi-host run takes part, and the student comes out sharded like train's."""
   cfg = teacher.config
   comp.check(cfg)
+  mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
   student = nnx.eval_shape(lambda: Qwen3MoeForCausalLM(
       cfg, rngs=nnx.Rngs(0), runtime=teacher.runtime, compression=comp))
   graphdef, state = nnx.split(student)
   flat = dict(nnx.to_flat_state(state))
   src = hf.state_arrays(teacher)
   dtype = teacher.runtime.param_dtype
+  where = {p: sharding.param_sharding(mesh, v.shape, v.get_metadata().get("logical_axes"))
+           for p, v in flat.items()}
   for p, var in flat.items():
     if p in src:
-      var.set_value(src[p])
-  report = []
+      var.set_value(jax.device_put(src[p].astype(dtype), where[p]))
+  report, programs = [], {}
   for i in cfg.moe_layers:
     base = ("layers", i, "mlp", "experts")
     row = {"layer": i}
     for q in PROJS:
-      w = src[base + (f"{q}_proj",)]
-      core, a, b = factor_experts(w, comp.rank(q), None if freq_le is None else freq_le[i])
-      for name, val in ((("shared_core", q), core), (("wrapper", f"{q}_a"), a),
-                        (("wrapper", f"{q}_b"), b)):
-        flat[base + name].set_value(val.astype(dtype))
-      w32 = w.astype(jnp.float32)
-      err = jnp.linalg.norm(merged_experts(core, a, b) - w32) / jnp.linalg.norm(w32)
-      row[q] = float(err)
+      names = (("shared_core", q), ("wrapper", f"{q}_a"), ("wrapper", f"{q}_b"))
+      if q not in programs:  # one program per projection: every layer has the same shapes
+        programs[q] = factor_program(mesh, comp.rank(q), [where[base + nm] for nm in names])
+      *parts, err = programs[q](src[base + (f"{q}_proj",)], None if freq_le is None else freq_le[i])
+      for nm, val in zip(names, parts):
+        flat[base + nm].set_value(val.astype(dtype))
+      row[q] = float(sharding.to_host(err))
     report.append(row)
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), report
 

@@ -59,7 +59,7 @@ def spec_for(shape, logical_axes, mesh: Mesh) -> P:
   used, out = set(), []
   for dim, name in zip(shape, logical_axes or (None,) * len(shape)):
     axis = RULES.get(name)
-    if axis is None or axis in used or dim % mesh.shape[axis]:
+    if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
       out.append(None)
     else:
       used.add(axis)
