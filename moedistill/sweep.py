@@ -1,0 +1,175 @@
+"""The recommended experiments from one cache: a grid of alpha, temperature, top-k and stage
+plans, one student per point, and a comparison report.
+
+CLI: python -m moedistill.sweep --config=configs/two_stage.py --sweep.alpha=0.5,0.9
+       --sweep.temperature=1,2 --sweep.k=16,32 [--sweep.stage_order=wrappers,all:all]
+       [--sweep.points='[{"alpha": 0.5, "k": 16}, ...]']
+Every point trains from the same cache (`<workdir>/cache`) and the same zero-shot student
+(`<workdir>/student_init`) into `<workdir>/sweep/<point>`, exactly as `train` would with the
+same overrides (it IS the train code path); a point with a `result.json` is done and skipped,
+a killed point resumes from its checkpoints. Results: `<workdir>/sweep/report.json` and
+`sweep.png`. A smaller k' than the cache's is emulated exactly (first k' entries, the rest
+folded into the tail bucket); a temperature must be cached for the bucket mode.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import jax
+
+from moedistill.errors import UserError
+
+AXES = ("alpha", "temperature", "k", "stage_order")
+
+
+def parse_grid(values: dict[str, list[str] | None], points: str | None) -> list[dict]:
+  """Points of the grid (cartesian product of the given axes) or of an explicit list."""
+  if points:
+    import ast
+    try:
+      pts = ast.literal_eval(points)
+    except (ValueError, SyntaxError) as e:
+      raise UserError(f"--sweep.points={points!r}: not a list of dicts ({e})") from None
+    if not isinstance(pts, list) or not all(isinstance(p, dict) for p in pts):
+      raise UserError(f"--sweep.points={points!r}: expected a list of dicts")
+    for p in pts:
+      bad = set(p) - set(AXES)
+      if bad:
+        raise UserError(f"--sweep.points: unknown axis {sorted(bad)}; expected {list(AXES)}")
+    grid = [{a: _typed(a, p[a]) for a in AXES if a in p} for p in pts]
+  else:
+    given = {a: [_typed(a, v) for v in vs] for a, vs in values.items() if vs}
+    grid = [dict(zip(given, combo)) for combo in itertools.product(*given.values())]
+  if not grid or grid == [{}]:
+    raise UserError("the sweep grid is empty: give --sweep.alpha, --sweep.temperature, "
+                    "--sweep.k, --sweep.stage_order or --sweep.points")
+  return grid
+
+
+def _typed(axis: str, v):
+  try:
+    return {"alpha": float, "temperature": float, "k": int, "stage_order": str}[axis](v)
+  except ValueError:
+    raise UserError(f"--sweep.{axis}={v!r}: expected a "
+                    f"{'number' if axis != 'stage_order' else 'stage list'}") from None
+
+
+def point_name(p: dict) -> str:
+  short = {"alpha": "a", "temperature": "T", "k": "k", "stage_order": "s"}
+  return "_".join(f"{short[a]}{str(p[a]).replace(',', '+')}" for a in AXES if a in p) or "base"
+
+
+def point_config(base, p: dict):
+  """The config of one point: the base config with the point's values, the sweep's workdir,
+  and the base's cache and zero-shot student."""
+  c = copy.deepcopy(base)
+  root = Path(base.workdir)
+  c.workdir = str(root / "sweep" / point_name(p))
+  c.cache.path = base.cache.path or str(root / "cache")
+  c.student.init_from = base.student.init_from or str(root / "student_init")
+  if "stage_order" in p:
+    c.stage_order = p["stage_order"]
+  for field in ("alpha", "temperature"):
+    if field in p:
+      c.train[field] = p[field]
+      for name in c.stages.keys():  # a stage's own override would otherwise win
+        c.stages[name][field] = p[field]
+  if "k" in p:
+    c.train.k = p["k"]
+  return c
+
+
+def check_points(base, grid):
+  """Every point's config must be valid before any training starts."""
+  from moedistill import train
+  from moedistill.config import job_from_config
+  from moedistill.errors import ConfigError
+  jobs = []
+  for p in grid:
+    try:
+      job = job_from_config(point_config(base, p))
+      train.preflight(job)
+    except ConfigError as e:
+      raise UserError(f"sweep point {point_name(p)}: {e}") from None
+    jobs.append(job)
+  return jobs
+
+
+def run_point(job, p: dict, teacher_eval: dict) -> dict:
+  """Train (or resume) one point, then evaluate its export on the held-out cache."""
+  from moedistill import train
+  from moedistill.cache import CacheReader
+  from moedistill.report import evaluate_path
+  export = train.train(job)
+  reader = CacheReader(job.cache_path("eval"))
+  res = {"point": point_name(p), **p, **evaluate_path(job, export, reader)}
+  res["kl_gap_to_teacher"] = res["kl"] - teacher_eval["kl"]
+  if jax.process_index() == 0:
+    tmp = Path(job.workdir, "result.json.tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.rename(Path(job.workdir, "result.json"))  # written last: its presence means done
+  return res
+
+
+def run_sweep(base, grid) -> dict:
+  from moedistill import train
+  from moedistill.cache import CacheReader
+  from moedistill.config import job_from_config
+  from moedistill.report import evaluate_path
+  from moedistill.sweep_report import write_sweep_report
+  jobs = check_points(base, grid)
+  job0 = job_from_config(base)
+  mesh = train.preflight(job0)
+  train.ensure_caches(job0, mesh)
+  train.ensure_student(job0)
+  reader = CacheReader(job0.cache_path("eval"))
+  refs = {"teacher": evaluate_path(job0, job0.teacher, reader),
+          "zero_shot": evaluate_path(job0, job0.student_init, reader)}
+  results = []
+  for i, (job, p) in enumerate(zip(jobs, grid)):
+    done = Path(job.workdir, "result.json")
+    if done.exists():
+      print(f"[{i + 1}/{len(grid)}] {point_name(p)}: done, reused", flush=True)
+      results.append(json.loads(done.read_text()))
+      continue
+    print(f"[{i + 1}/{len(grid)}] {point_name(p)}: training", flush=True)
+    results.append(run_point(job, p, refs["teacher"]))
+  return write_sweep_report(Path(base.workdir) / "sweep", refs, results)
+
+
+def main(argv):
+  from moedistill.cli import FLAGS, load_job
+  from moedistill.trainer import Preempted
+  load_job(argv)  # validates the base config, starts multi-host
+  values = {a: FLAGS[f"sweep.{a}"].value for a in AXES}
+  if values["stage_order"]:  # stage orders contain commas: ':' separates them
+    values["stage_order"] = FLAGS["sweep.stage_order"].value.split(":")
+  grid = parse_grid(values, FLAGS["sweep.points"].value)
+  try:
+    report = run_sweep(FLAGS.config, grid)
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(0)
+  if jax.process_index() == 0:
+    print(f"report: {Path(FLAGS.config.workdir) / 'sweep' / 'report.json'}; best point "
+          f"{report['best']['point']}")
+
+
+def define_sweep_flags():
+  from absl import flags
+  for a in ("alpha", "temperature", "k"):
+    flags.DEFINE_list(f"sweep.{a}", None, f"values of {a} to sweep (comma-separated)")
+  flags.DEFINE_string("sweep.stage_order", None,
+                      "stage orders to sweep, separated by ':' (e.g. wrappers,all:all)")
+  flags.DEFINE_string("sweep.points", None,
+                      "an explicit list of points instead of a grid, e.g. "
+                      "'[{\"alpha\": 0.5, \"k\": 16}]'")
+
+
+if __name__ == "__main__":
+  from moedistill.cli import run
+  run(main, extra_flags=(define_sweep_flags,))

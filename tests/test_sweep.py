@@ -1,0 +1,125 @@
+"""The sweep: top-k' emulated exactly from a top-k cache (each KD mode), a point equals a plain
+`train` run with the same settings to the bit, a killed sweep reuses its done points, and bad
+grids are refused before anything is written."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import job_config, make_hf_checkpoint, make_tokenizer, run_cli, write_config_file
+from moedistill.config import job_from_config
+
+
+def small(tmp, teacher, **over):
+  Path(tmp).mkdir(parents=True, exist_ok=True)
+  c = job_config(tmp, teacher, **over)
+  c.stages.wrappers.steps = 3
+  c.stages.all.steps = 3
+  c.train.batch_size = 4
+  c.train.log_every = 1
+  return c
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("sweep")
+  make_hf_checkpoint(tmp / "teacher", vocab_size=64)
+  make_tokenizer(tmp / "teacher")
+  return tmp, tmp / "teacher"
+
+
+@pytest.mark.parametrize("mode", ["bucket", "renormalize", "teacher_only"])
+def test_topk_prime_equals_a_smaller_cache(teacher, mode):
+  from flax import nnx
+
+  from moedistill import hf
+  from moedistill.cache import CacheReader
+  from moedistill.cache_logits import build_cache
+  from moedistill.train_step import StepConfig, micro_loss
+  tmp, t = teacher
+  readers = {}
+  for k in (8, 3):
+    job = job_from_config(small(tmp / f"k{k}", t, **{"cache.k": k}))
+    build_cache(job, "eval", progress=False)
+    readers[k] = CacheReader(job.cache_path("eval"))
+  model, _ = hf.load_model(t)
+  rows = np.arange(min(readers[8].rows, 4))
+  big, few = readers[8].read_rows(rows), readers[3].read_rows(rows)
+  np.testing.assert_array_equal(big["topk_idx"][..., :3], few["topk_idx"])
+
+  def sums(batch, k):
+    sc = StepConfig(alpha=0.7, temperature=2.0, mode=mode,
+                    t_index=1 if mode == "bucket" else None, vocab_chunk=32, micro_batches=1,
+                    aux_coef=0.0, top_k=2, k=k)
+    b = {key: jnp.asarray(v) for key, v in batch.items()}
+    return {key: float(v) for key, v in micro_loss(model, b, 1.0, sc)[1].items()}
+
+  truncated, direct = sums(big, 3), sums(few, 0)
+  assert truncated == direct
+  assert truncated["kl"] != sums(big, 0)["kl"]  # k' really changed the loss
+
+
+def _sweep(cfg, *args, **kw):
+  return [sys.executable, "-m", "moedistill.sweep", f"--config={cfg}", *args]
+
+
+def test_sweep_kill_resume_and_equal_to_train(teacher):
+  from moedistill.train import train
+  from moedistill.report import evaluate_path
+  from moedistill.cache import CacheReader
+  tmp, t = teacher
+  c = small(tmp / "run", t)
+  cfg = write_config_file(tmp, c, "sweep_cfg.py")
+  root = Path(c.workdir) / "sweep"
+  cmd = _sweep(cfg, "--sweep.alpha=0.5", "--sweep.k=4,8")
+  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  first, second = root / "a0.5_k4" / "result.json", root / "a0.5_k8" / "result.json"
+  deadline = time.time() + 600
+  while not first.exists() and p.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert first.exists() and not second.exists(), "the kill must land between the points"
+  done_before = first.read_text()
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "a0.5_k4: done, reused" in out.stdout
+  assert first.read_text() == done_before
+  report = json.loads((root / "report.json").read_text())
+  assert [r["point"] for r in report["points"]] == ["a0.5_k4", "a0.5_k8"]
+  assert report["best"]["point"] in ("a0.5_k4", "a0.5_k8")
+  assert (root / "sweep.png").stat().st_size > 0
+
+  # The same settings as a plain train run, in another workdir (same cache and student).
+  c2 = small(tmp / "plain", t, **{"train.alpha": 0.5, "train.k": 4})
+  c2.cache.path, c2.student.init_from = str(Path(c.workdir) / "cache"), str(
+      Path(c.workdir) / "student_init")
+  job = job_from_config(c2)
+  export = train(job, progress=False)
+  plain = evaluate_path(job, export, CacheReader(job.cache_path("eval")))
+  point = report["points"][0]
+  for key in ("kl", "ppl", "top1_agreement", "ce"):
+    assert point[key] == plain[key], key
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--sweep.temperature=3"], "temperature=3.0 is not among"),
+    (["--sweep.k=99"], "config.train.k=99"),
+    ([], "the sweep grid is empty"),
+    (["--sweep.alpha=high"], "--sweep.alpha='high'"),
+])
+def test_bad_grid_one_line_nothing_written(teacher, tmp_path, args, needle):
+  _, t = teacher
+  c = small(tmp_path, t)
+  cfg = write_config_file(tmp_path, c)
+  out = run_cli("moedistill.sweep", f"--config={cfg}", *args)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and needle in lines[0], out.stderr
+  assert not Path(c.workdir).exists()
