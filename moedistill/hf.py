@@ -1,14 +1,17 @@
 """Hugging Face safetensors <-> NNX state: the key table, load_model and save_model.
 
-Loading is tensor by tensor into an abstract (eval_shape) model, so a checkpoint is never held
-twice in host memory; every key and shape is checked with a message naming file and key.
+Loading fills an abstract (eval_shape) model param by param, reading only the slices each
+device holds; every key and shape is checked first, with a message naming file and key.
+Saving streams: one param (for experts: one layer's merged projection) on the host at a time.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moedistill import safetensors_io as st
+from moedistill import safetensors_io as st, sharding
 from moedistill.errors import CheckpointFileError
 from moedistill.model.config import ModelConfig
 from moedistill.model import moe
@@ -95,7 +98,7 @@ def open_checkpoint(path) -> tuple[dict[str, st.SafetensorsFile], dict]:
       files[name] = st.SafetensorsFile(path / name)
     by_key = {}
     for k, name in weight_map.items():
-      if k not in files[name].header:
+      if k not in files[name]:
         raise CheckpointFileError(f"{path / name}: key {k} listed in the index is missing")
       by_key[k] = files[name]
     return by_key, raw
@@ -106,15 +109,19 @@ def open_checkpoint(path) -> tuple[dict[str, st.SafetensorsFile], dict]:
 
 
 def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend="ragged",
-               capacity_factor=1.25, remat="none", put: Callable | None = None):
-  """Returns (model, config). `put(abstract_var, np_array) -> jax.Array` places each param
-  (default: jnp.asarray); moedistill.sharding.sharded_put(mesh) shards it over a mesh."""
+               capacity_factor=1.25, remat="none", attention="auto", attention_block=512,
+               put: Callable | None = None):
+  """Returns (model, config). `put(abstract_var, src) -> jax.Array` places each param, where
+  `src` is a LazyParam (`.shape`, `.dtype`, `src[idx]` reads only that slice from the files);
+  default: the whole param on the default device. moedistill.sharding.sharded_put(mesh) reads
+  each device's shard alone, so no host ever holds more than a param's local slices."""
   by_key, raw = open_checkpoint(path)
   source = str(Path(path) / "config.json")
   cfg = ModelConfig.from_hf_dict(raw, source=source)
   comp = Compression.from_dict(raw["compression"], source) if raw.get("compression") else None
   rt = Runtime(dtype=dtype, param_dtype=param_dtype, moe_backend=moe.resolve_backend(moe_backend),
-               capacity_factor=capacity_factor, remat=remat)
+               capacity_factor=capacity_factor, remat=remat, attention=attention,
+               attention_block=attention_block)
   abstract = nnx.eval_shape(
       lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=rt, compression=comp))
   graphdef, state = nnx.split(abstract)
@@ -126,51 +133,148 @@ def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend=
     k = sorted(extra)[0]
     raise CheckpointFileError(f"{by_key[k].path}: unexpected key {k} ({len(extra)} unknown keys; "
                               f"not a Qwen3-MoE of this config.json?)")
-  put = put or (lambda _, a: jnp.asarray(a))
+  put = put or (lambda _, src: jnp.asarray(src[()]))
   flat = dict(nnx.to_flat_state(state))
   groups: dict[tuple, list[Entry]] = {}
   for e in table:
     groups.setdefault(e.path, []).append(e)
-  for p, entries in groups.items():
-    var = flat[p]
-    arr = _assemble(entries, var.shape, by_key, np.dtype(param_dtype))
-    var.set_value(put(var, arr))
+  # Every key and shape is checked (headers only) before the first byte of weights is read.
+  srcs = [LazyParam(entries, flat[p].shape, by_key, np.dtype(param_dtype))
+          for p, entries in groups.items()]
+  for p, src in zip(groups, srcs):
+    flat[p].set_value(put(flat[p], src))
+    src.close()
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
 
 
-def _assemble(entries, shape, by_key, dtype) -> np.ndarray:
-  out = np.empty(shape, dtype) if entries[0].expert is not None else None
-  for e in entries:
-    if e.hf_key not in by_key:
-      raise CheckpointFileError(f"checkpoint is missing key {e.hf_key}")
-    f = by_key[e.hf_key]
-    want = _hf_shape(e, shape)
-    if f.shape(e.hf_key) != want:
-      raise CheckpointFileError(f"{f.path}: key {e.hf_key} has shape {list(f.shape(e.hf_key))}, "
-                                f"expected {list(want)}")
-    a = f.get(e.hf_key)
-    a = a.T if e.transpose else a
-    if out is None:
-      return a.astype(dtype)
-    out[e.expert] = a
-  return out
+class LazyParam:
+  """One param as the checkpoint holds it; `self[idx]` reads only slice `idx` (a tuple of
+  slices), cast to `dtype`. A stacked `[e, ...]` param reads only the experts in idx[0],
+  each from its own HF tensor; transposed tensors read the transposed slice."""
+
+  def __init__(self, entries: list[Entry], shape, by_key, dtype):
+    self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
+    self._entries, self._by_key, self._done = entries, by_key, {}
+    for e in entries:
+      if e.hf_key not in by_key:
+        raise CheckpointFileError(f"checkpoint is missing key {e.hf_key}")
+      f, want = by_key[e.hf_key], _hf_shape(e, self.shape)
+      if f.shape(e.hf_key) != want:
+        raise CheckpointFileError(f"{f.path}: key {e.hf_key} has shape "
+                                  f"{list(f.shape(e.hf_key))}, expected {list(want)}")
+
+  def __getitem__(self, idx) -> np.ndarray:
+    idx = tuple(idx) if isinstance(idx, tuple) else (idx,)
+    idx += (slice(None),) * (self.ndim - len(idx))
+    # jax asks once per device; devices that share a slice (replicas) share one read.
+    key = tuple(s.indices(n) for s, n in zip(idx, self.shape))
+    if key not in self._done:
+      self._done[key] = self._read_all(idx)
+    return self._done[key]
+
+  def _read_all(self, idx) -> np.ndarray:
+    if self._entries[0].expert is None:
+      return self._read(self._entries[0], idx)
+    rows = range(*idx[0].indices(self.shape[0]))
+    out = np.empty((len(rows),) + _sliced_shape(self.shape[1:], idx[1:]), self.dtype)
+    for i, r in enumerate(rows):
+      out[i] = self._read(self._entries[r], idx[1:])
+    return out
+
+  def _read(self, e: Entry, idx) -> np.ndarray:
+    f = self._by_key[e.hf_key]
+    if e.transpose:
+      return f.get_slice(e.hf_key, idx[::-1]).T.astype(self.dtype)
+    return f.get_slice(e.hf_key, idx).astype(self.dtype, copy=False)
+
+  def close(self):
+    self._done = {}
+    for e in self._entries:
+      self._by_key[e.hf_key].close()
+
+
+def _sliced_shape(shape, idx) -> tuple:
+  return tuple(len(range(*s.indices(n))) for n, s in zip(shape, idx))
 
 
 def state_arrays(model) -> dict[tuple, jax.Array]:
   return {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-class _MergedView(dict):
-  """State arrays plus the dense expert paths, each W_e = core + A_e B_e computed on demand."""
+@functools.partial(jax.jit, static_argnums=3)
+def _merge_cast(core_df, a_edr, b_erf, dtype):
+  """One layer's W_e = core + A_e B_e for all its experts at once, in float32, cast on the
+  devices so that a host receives the result already in the output dtype."""
+  f32 = jnp.float32
+  return merged_experts(core_df.astype(f32), a_edr.astype(f32), b_erf.astype(f32)).astype(dtype)
 
-  def __missing__(self, p):
-    *layer, name = p
-    q = name.removesuffix("_proj")
-    if not (layer and layer[-1] == "experts" and q in PROJS):
-      raise KeyError(p)
-    base = tuple(layer)
-    return merged_experts(self[base + ("shared_core", q)], self[base + ("wrapper", f"{q}_a")],
-                          self[base + ("wrapper", f"{q}_b")])
+
+def _expert_parts(p) -> tuple[tuple, tuple, tuple]:
+  """State paths of (core, A, B) behind a merged `...experts.{gate,up,down}_proj` path."""
+  *layer, name = p
+  q, base = name.removesuffix("_proj"), tuple(layer)
+  return base + ("shared_core", q), base + ("wrapper", f"{q}_a"), base + ("wrapper", f"{q}_b")
+
+
+def _shape(arrays, p) -> tuple:
+  if p in arrays:
+    return tuple(arrays[p].shape)
+  core, a, _ = _expert_parts(p)
+  return (arrays[a].shape[0],) + tuple(arrays[core].shape)
+
+
+def _fetch(arrays, p, dtype) -> np.ndarray:
+  """Param `p` (a merged expert path: that layer's merged stack) on this host, in `dtype`.
+  A collective when the arrays span processes: every process fetches in the same order."""
+  x = arrays[p].astype(dtype) if p in arrays else _merge_cast(
+      *(arrays[q] for q in _expert_parts(p)), dtype)
+  return sharding.to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def _plan(table, arrays, itemsize, max_shard_bytes) -> list[list[Entry]]:
+  """Consecutive keys grouped into shard files of at most max_shard_bytes (or one tensor)."""
+  shards, cur, size = [], [], 0
+  for e in table:
+    n = int(np.prod(_hf_shape(e, _shape(arrays, e.path)))) * itemsize
+    if cur and size + n > max_shard_bytes:
+      shards.append(cur)
+      cur, size = [], 0
+    cur.append(e)
+    size += n
+  return shards + [cur]
+
+
+def _write_shards(arrays, table, out_dir, dtype, max_shard_bytes, writing) -> dict[str, str]:
+  """Streams the tensors into shard files; returns the weight map. Holds one stacked param (a
+  layer's merged projection) plus the shard being filled."""
+  shards = _plan(table, arrays, dtype.itemsize, max_shard_bytes)
+  names = ([SINGLE] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  weight_map, held = {}, (None, None)
+  for name, entries in zip(names, shards):
+    tensors = {}
+    for e in entries:
+      if held[0] != e.path:  # each param, and each layer's expert merge, fetched once
+        held = (None, None)  # free the previous one before the next is fetched
+        held = (e.path, _fetch(arrays, e.path, dtype))
+      a = held[1][e.expert] if e.expert is not None else held[1]
+      if writing:
+        tensors[e.hf_key] = np.ascontiguousarray(a.T if e.transpose else a)
+      weight_map[e.hf_key] = name
+    if writing:
+      st.write(out_dir / name, tensors)
+      _pause_hook(name)
+    del tensors
+  return weight_map
+
+
+def _pause_hook(name):
+  """Test hook: MOEDISTILL_PAUSE_AFTER_SHARD=<seconds> sleeps after each shard file, so a
+  kill test can land mid-export deterministically."""
+  delay = float(os.environ.get("MOEDISTILL_PAUSE_AFTER_SHARD", "0") or 0)
+  if delay:
+    print(f"wrote shard {name}", flush=True)
+    time.sleep(delay)
 
 
 def save_model(model, path, *, merged: bool = False, max_shard_bytes: int = 5 * 2**30,
@@ -178,63 +282,65 @@ def save_model(model, path, *, merged: bool = False, max_shard_bytes: int = 5 * 
   """Writes HF safetensors (sharded past max_shard_bytes, with index), config.json and, from
   `tokenizer_from`, the tokenizer files. `dtype` casts on the way out (default: param dtype).
   A compressed model is written in its native compact form, or with `merged=True` as a
-  standard Qwen3-MoE that transformers loads (one layer's W_e on the host at a time)."""
+  standard Qwen3-MoE that transformers loads (each layer's experts merged once, on device).
+  Streams: host memory is one stacked param plus one shard. Params may be sharded over
+  processes: then every process calls this (one param is gathered at a time); process 0 writes.
+  Written aside and renamed, so a crash never leaves a half checkpoint at `path`."""
   cfg: ModelConfig = model.config
   comp = model.compression
-  arrays = _MergedView(state_arrays(model))
-  extra_config = {}
-  if comp is not None and not merged:
-    extra_config["compression"] = comp.to_dict()
-  table = key_table(cfg, None if merged else comp)
+  arrays = state_arrays(model)
+  out = jnp.dtype(dtype if dtype is not None else next(iter(arrays.values())).dtype)
   final = Path(path)
-  # Written aside and renamed at the end: a crash never leaves a half checkpoint at `path`.
-  path = final.with_name(final.name + ".partial")
-  shutil.rmtree(path, ignore_errors=True)
-  path.mkdir(parents=True)
-  shards, cur, size = [], [], 0
-  for e in table:
-    a = arrays[e.path]
-    n = int(np.prod(a.shape[1:] if e.expert is not None else a.shape)) * (
-        np.dtype(dtype or a.dtype).itemsize)
-    if cur and size + n > max_shard_bytes:
-      shards.append(cur)
-      cur, size = [], 0
-    cur.append(e)
-    size += n
-  shards.append(cur)
-  names = ([SINGLE] if len(shards) == 1 else
-           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-  weight_map, total = {}, 0
-  host = {}
-  for name, entries in zip(names, shards):
-    tensors = {}
-    for e in entries:
-      if e.path not in host:  # fetch a stacked param once, keep only while its shard is open
-        host = {e.path: np.asarray(jax.device_get(arrays[e.path]))}
-      a = host[e.path]
-      a = a[e.expert] if e.expert is not None else a
-      a = np.ascontiguousarray(a.T if e.transpose else a)
-      tensors[e.hf_key] = a.astype(dtype) if dtype is not None else a
-      weight_map[e.hf_key] = name
-      total += tensors[e.hf_key].nbytes
-    st.write(path / name, tensors)
-  if len(shards) > 1:
-    (path / INDEX).write_text(json.dumps(
+  tmp = final.with_name(final.name + ".partial")
+  writing = jax.process_index() == 0
+  if writing:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+  table = key_table(cfg, None if merged else comp)
+  weight_map = _write_shards(arrays, table, tmp, out, max_shard_bytes, writing)
+  if not writing:
+    return final
+  if len(set(weight_map.values())) > 1:
+    total = sum(int(np.prod(_hf_shape(e, _shape(arrays, e.path)))) for e in table) * out.itemsize
+    (tmp / INDEX).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
   hf = cfg.to_hf_dict()
-  hf["torch_dtype"] = str(np.dtype(dtype or next(iter(arrays.values())).dtype))
-  hf.update(extra_config)
-  (path / "config.json").write_text(json.dumps(hf, indent=2))
+  hf["torch_dtype"] = str(out)
+  if comp is not None and not merged:
+    hf["compression"] = comp.to_dict()
+  (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+  _copy_extras(tmp, tokenizer_from, extra_files)
+  _replace(tmp, final)
+  return final
+
+
+def checkpoint_dtype(path):
+  """The dtype a Hugging Face checkpoint declares (`torch_dtype`, or `dtype` in newer
+  transformers), as a jnp dtype; float32 when it declares none."""
+  if not (Path(path) / "config.json").exists():
+    raise CheckpointFileError(f"{path}: no config.json, expected a Hugging Face checkpoint")
+  raw = json.loads((Path(path) / "config.json").read_text())
+  name = str(raw.get("torch_dtype") or raw.get("dtype") or "float32").removeprefix("torch.")
+  try:
+    return jnp.dtype(name)
+  except TypeError:
+    raise CheckpointFileError(f"{path}/config.json: torch_dtype={name!r} is not a dtype") from None
+
+
+def _copy_extras(out_dir, tokenizer_from, extra_files):
   if tokenizer_from is not None:
     for name in TOKENIZER_FILES:
       if (Path(tokenizer_from) / name).exists():
-        shutil.copyfile(Path(tokenizer_from) / name, path / name)
+        shutil.copyfile(Path(tokenizer_from) / name, out_dir / name)
   for name, text in (extra_files or {}).items():
-    (path / name).write_text(text)
+    (out_dir / name).write_text(text)
+
+
+def _replace(tmp: Path, final: Path):
+  """Moves the finished `tmp` to `final`; the previous output goes only once `tmp` is whole."""
   old = final.with_name(final.name + ".old")
-  if final.exists():  # the previous output is removed only once the new one is complete
+  if final.exists():
     shutil.rmtree(old, ignore_errors=True)
     os.replace(final, old)
-  os.replace(path, final)
+  os.replace(tmp, final)
   shutil.rmtree(old, ignore_errors=True)
-  return final

@@ -1,7 +1,9 @@
-"""Minimal safetensors reader/writer on numpy (bf16 via ml_dtypes), tensor by tensor.
+"""safetensors files through the `safetensors` library (numpy, bf16 via ml_dtypes), plus the one
+thing it leaves out: errors that name the file, and the tensor when one is at fault.
 
-Reading memory-maps the file, so a tensor costs host memory only while it is used; the header
-is checked against the file size, so a truncated file is refused with its name. Never pickle.
+Reads are lazy (`safe_open` memory-maps the file; `get_slice` copies only the requested slice).
+A mapping keeps every page it touched resident, so `close()` drops it once a caller is done
+with a tensor: host memory then follows what is being read, not the file. Never pickle.
 """
 from __future__ import annotations
 
@@ -9,73 +11,98 @@ import json
 import os
 import struct
 
-import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from moedistill.errors import CheckpointFileError
 
-DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+# The dtypes the numpy side reads (BF16 arrives as ml_dtypes.bfloat16), with their sizes.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+            "U8": 1, "BOOL": 1}
 
 
 class SafetensorsFile:
+  """One .safetensors file: keys and shapes from the header at once, tensors on demand."""
+
   def __init__(self, path):
     self.path = str(path)
-    try:
-      size = os.path.getsize(self.path)
-      with open(self.path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-          raise ValueError("header longer than file")
-        header = json.loads(f.read(n))
-    except FileNotFoundError:
-      raise CheckpointFileError(f"{self.path}: file not found") from None
-    except (struct.error, ValueError, UnicodeDecodeError):
-      raise CheckpointFileError(f"{self.path}: not a safetensors file (bad header)") from None
-    self.metadata = header.pop("__metadata__", {}) or {}
-    self.header, self.offset = header, 8 + n
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if self.offset + end > size:
-      raise CheckpointFileError(
-          f"{self.path}: truncated ({size} bytes, header needs {self.offset + end})")
-    self._mm = None
+    self._h = None
+    h = self._open()
+    self.metadata = h.metadata() or {}
+    self._keys = list(h.keys())
+    info = {k: h.get_slice(k) for k in self._keys}
+    self._shapes = {k: tuple(s.get_shape()) for k, s in info.items()}
+    self._dtypes = {k: s.get_dtype() for k, s in info.items()}
+    del info
+    self.close()
 
-  def keys(self):
-    return list(self.header)
+  def _open(self):
+    if self._h is None:
+      try:
+        self._h = safe_open(self.path, framework="numpy")
+      except FileNotFoundError:
+        raise CheckpointFileError(f"{self.path}: file not found") from None
+      except SafetensorError as e:
+        raise CheckpointFileError(f"{self.path}: {_diagnose(self.path, e)}") from None
+    return self._h
+
+  def close(self):
+    """Unmaps the file (pages read so far leave this process's RSS); reads reopen it."""
+    self._h = None
+
+  def keys(self) -> list[str]:
+    return list(self._keys)
+
+  def __contains__(self, key) -> bool:
+    return key in self._shapes
 
   def shape(self, key) -> tuple[int, ...]:
-    return tuple(self.header[key]["shape"])
+    return self._shapes[key]
+
+  def dtype(self, key) -> str:
+    return self._dtypes[key]
 
   def get(self, key) -> np.ndarray:
-    info = self.header[key]
-    if info["dtype"] not in DTYPES:
-      raise CheckpointFileError(f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}")
-    if self._mm is None:
-      self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-    a, b = info["data_offsets"]
-    raw = self._mm[self.offset + a: self.offset + b]
-    return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+    return self.get_slice(key, ())
+
+  def get_slice(self, key, idx) -> np.ndarray:
+    """The slice `idx` (a tuple of slices/ints) of tensor `key`, reading only those bytes."""
+    if self._dtypes[key] not in ITEMSIZE:
+      raise CheckpointFileError(f"{self.path}: tensor {key} has unsupported dtype "
+                                f"{self._dtypes[key]}")
+    s = self._open().get_slice(key)
+    full = tuple(slice(None) for _ in self._shapes[key][len(idx):])
+    return np.asarray(s[tuple(idx) + full] if self._shapes[key] else s[:])
+
+
+def _diagnose(path, err) -> str:
+  """The library's message plus what it does not say: the size shortfall or the tensor."""
+  size = os.path.getsize(path)
+  try:
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(n)) if n <= size - 8 else None
+  except (struct.error, ValueError, UnicodeDecodeError):
+    header = None
+  if header is None:
+    return f"not a safetensors file (bad header: {err})"
+  header.pop("__metadata__", None)
+  end = 8 + n + max((v.get("data_offsets", [0, 0])[1] for v in header.values()), default=0)
+  if end > size:
+    return f"truncated ({size} bytes, header needs {end})"
+  for k, v in header.items():
+    a, b = v.get("data_offsets", [0, -1])
+    if v.get("dtype") not in ITEMSIZE:
+      return f"tensor {k} has unsupported dtype {v.get('dtype')}"
+    if b - a != ITEMSIZE[v["dtype"]] * int(np.prod(v.get("shape", [-1]))):
+      return f"tensor {k}: offsets {[a, b]} do not match shape {v.get('shape')} ({err})"
+  return f"inconsistent header ({err})"
 
 
 def write(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
-  """Writes `tensors` (key order kept) to `path` via a temporary file and an atomic rename."""
-  header, offset = {}, 0
-  for k, v in tensors.items():
-    nbytes = v.size * v.dtype.itemsize
-    header[k] = {"dtype": NAMES[np.dtype(v.dtype)], "shape": list(v.shape),
-                 "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  header["__metadata__"] = {"format": "pt", **(metadata or {})}
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
+  """Writes `tensors` to `path` via a temporary file and an atomic rename."""
   tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for v in tensors.values():
-      f.write(np.ascontiguousarray(v).tobytes())
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+            metadata={"format": "pt", **(metadata or {})})
   os.replace(tmp, path)
