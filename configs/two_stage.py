@@ -66,7 +66,13 @@ def get_config(arg: str = ""):
   c.model.param_dtype = "float32"      # parameter dtype
   c.model.moe_backend = "auto"         # auto | ragged | capacity
   c.model.capacity_factor = 1.25       # capacity backend only
-  c.model.remat = "none"               # none | full: rematerialise each decoder layer
+  c.model.remat = "none"               # per decoder layer: none (save all) | full (save only
+                                       # its input, recompute it) | dots (save projection
+                                       # matmul outputs, recompute the rest)
+  c.model.attention = "auto"           # auto (cudnn on NVIDIA GPU, else blocked for rows longer
+                                       # than attention_block, else plain) | plain | blocked |
+                                       # cudnn
+  c.model.attention_block = 512        # query/key block of blocked attention (memory ~ block^2)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1 = fill
 

@@ -157,6 +157,8 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None,
                                param_dtype=job.model.param_dtype,
                                moe_backend=job.model.moe_backend,
                                capacity_factor=job.model.capacity_factor,
+                               attention=job.model.attention,
+                               attention_block=job.model.attention_block,
                                put=sharding.sharded_put(mesh))
   fwd = make_forward(teacher, mesh, job)
   stats = _write_pending(job, rows, arrays, fwd, mesh, path, progress and p == 0)

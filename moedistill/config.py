@@ -13,6 +13,8 @@ import jax.numpy as jnp
 
 from moedistill.data import DataSpec
 from moedistill.errors import ConfigError
+from moedistill.model import attention
+from moedistill.model.layers import REMAT_POLICIES
 from moedistill.model.moe import BACKENDS
 from moedistill.sharding import MeshConfig
 
@@ -41,6 +43,20 @@ def _dtype(name, field):
   return DTYPES[name]
 
 
+def _positive(value, field):
+  _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+         f"config.{field}={value!r}: expected a positive integer")
+  return value
+
+
+def _attention(m):
+  impl = _choice(m.attention, attention.IMPLS, "model.attention")
+  # cuDNN attention cannot even be lowered elsewhere: refuse before any weights are loaded.
+  _check(impl != "cudnn" or attention.nvidia_gpu(), "config.model.attention='cudnn': needs an "
+         "NVIDIA GPU (compute capability >= 8.0), none found; expected auto, blocked or plain")
+  return impl
+
+
 def join(base: str, *parts: str) -> str:
   """Join a local path or a kvstore URL (gs://..., memory://...)."""
   if "://" in base:
@@ -65,7 +81,9 @@ class ModelRuntimeConfig:
   param_dtype: jnp.dtype
   moe_backend: str
   capacity_factor: float
-  remat: str
+  remat: str             # a layers.REMAT_POLICIES key: none | full | dots
+  attention: str         # auto | plain | blocked | cudnn (moedistill.model.attention)
+  attention_block: int   # query/key block of blocked attention; auto blocks longer rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +233,10 @@ def job_from_config(c) -> Job:
                                moe_backend=_choice(m.moe_backend, ("auto", *BACKENDS),
                                                    "model.moe_backend"),
                                capacity_factor=m.capacity_factor,
-                               remat=_choice(m.remat, ("none", "full"), "model.remat")),
+                               remat=_choice(m.remat, REMAT_POLICIES, "model.remat"),
+                               attention=_attention(m),
+                               attention_block=_positive(m.attention_block,
+                                                         "model.attention_block")),
       mesh=MeshConfig(**{a: c.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}),
       student_init=st.init_from or str(Path(c.workdir, "student_init")), ranks=ranks,
       train=_train(c))

@@ -24,7 +24,8 @@ def write_report(job: Job) -> dict:
   report = {}
   for key, path in paths.items():
     model, _ = hf.load_model(path, dtype=job.model.dtype, param_dtype=job.model.param_dtype,
-                             moe_backend=job.model.moe_backend)
+                             moe_backend=job.model.moe_backend, attention=job.model.attention,
+                             attention_block=job.model.attention_block)
     report[key] = evaluate_model(model, reader, temperature=temperature)
   print(f"{'held-out':<20} {'ppl':>9} {'KL to teacher':>14} {'top-1 agree':>12}")
   for key, name in ROWS:

@@ -20,7 +20,21 @@ class Runtime:
   param_dtype: jnp.dtype = jnp.float32
   moe_backend: str = "ragged"
   capacity_factor: float = 1.25
-  remat: str = "none"  # none | full: recompute each decoder layer in the backward pass
+  remat: str = "none"  # a REMAT_POLICIES key: what each decoder layer saves for the backward
+  attention: str = "auto"  # auto | plain | blocked | cudnn (moedistill.model.attention)
+  attention_block: int = 512  # query and key block of blocked attention; auto blocks longer rows
+
+
+# Activation memory vs recompute, per decoder layer (jax.checkpoint policies):
+#   none: autodiff saves every intermediate; full: saves only the layer's inputs and recomputes
+#   the layer in the backward; dots: saves the outputs of matmuls without batch dims (q/k/v/o,
+#   router, dense-MLP projections) and recomputes norms, RoPE, activations, attention scores
+#   and the expert matmuls (ragged dots and per-expert batched einsums).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, rt: Runtime, init: str = "normal") -> nnx.Param:

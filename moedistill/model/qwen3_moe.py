@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moedistill.model import moe
+from moedistill.errors import ConfigError
+from moedistill.model import attention, moe
 from moedistill.model.config import ModelConfig
-from moedistill.model.layers import Linear, RMSNorm, Runtime, param, positions_from_segments, rope
+from moedistill.model.layers import (REMAT_POLICIES, Linear, RMSNorm, Runtime, param,
+                                     positions_from_segments, rope)
 from moedistill.model.shared_core import Compression, SharedCoreExperts
 
 
@@ -35,7 +37,7 @@ class Attention(nnx.Module):
     self.o_proj = Linear(n * h, d, ("q_heads", "embed"), rt, rngs, bias=b)
     self.q_norm = RMSNorm(h, cfg.rms_norm_eps, rt)
     self.k_norm = RMSNorm(h, cfg.rms_norm_eps, rt)
-    self.n, self.g, self.h, self.theta = n, g, h, cfg.rope_theta
+    self.n, self.g, self.h, self.theta, self.rt = n, g, h, cfg.rope_theta, rt
 
   def __call__(self, x_btd, positions_bt, segment_ids_bt):
     b, t, _ = x_btd.shape
@@ -44,10 +46,9 @@ class Attention(nnx.Module):
     k_btgh = rope(self.k_norm(self.k_proj(x_btd).reshape(b, t, self.g, self.h)), positions_bt,
                   self.theta)
     v_btgh = self.v_proj(x_btd).reshape(b, t, self.g, self.h)
-    mask = None
-    if segment_ids_bt is not None:
-      mask = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
-    o_btnh = jax.nn.dot_product_attention(q_btnh, k_btgh, v_btgh, mask=mask, is_causal=True)
+    impl = attention.resolve(self.rt.attention, t, self.rt.dtype, self.rt.attention_block)
+    o_btnh = attention.attention(q_btnh, k_btgh, v_btgh, segment_ids_bt, impl=impl,
+                                 block=self.rt.attention_block)
     return self.o_proj(o_btnh.reshape(b, t, self.n * self.h))
 
 
@@ -121,6 +122,8 @@ class Qwen3MoeForCausalLM(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime(),
                compression: Compression | None = None):
     rt = runtime
+    if rt.remat not in REMAT_POLICIES:
+      raise ConfigError(f"remat={rt.remat!r}: expected one of {list(REMAT_POLICIES)}")
     self.config, self.runtime, self.compression = cfg, rt, compression
     experts_factory: ExpertsFactory = DenseExperts
     if compression is not None:
@@ -142,8 +145,9 @@ class Qwen3MoeForCausalLM(nnx.Module):
                       else jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape))
     x_btd = self.embed_tokens(tokens_bt).astype(self.runtime.dtype)
     router_logits, dropped = [], jnp.zeros((), jnp.int32)
-    call = (nnx.remat(lambda lyr, *a: lyr(*a)) if self.runtime.remat == "full"
-            else lambda lyr, *a: lyr(*a))
+    call = lambda lyr, *a: lyr(*a)  # noqa: E731
+    if self.runtime.remat != "none":
+      call = nnx.remat(call, policy=REMAT_POLICIES[self.runtime.remat])
     for layer in self.layers:
       x_btd, logits, drop = call(layer, x_btd, positions_bt, segment_ids_bt)
       if logits is not None:
