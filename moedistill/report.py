@@ -6,7 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from moedistill import hf
+import jax
+
+from moedistill import hf, sharding
 from moedistill.cache import CacheReader
 from moedistill.config import Job
 from moedistill.evaluate import evaluate_model
@@ -15,18 +17,28 @@ ROWS = (("teacher", "teacher"), ("student_init", "zero-shot student"),
         ("student_distilled", "distilled student"))
 
 
-def write_report(job: Job) -> dict:
+def evaluate_path(job: Job, path, reader: CacheReader, mesh=None) -> dict:
+  """Held-out figures of one checkpoint directory, at T=1 when cached (the report's and the
+  sweep's one definition). The model is read straight into its shardings on `mesh` (default:
+  the config's) and evaluated there: every process must call this."""
+  mesh = mesh or sharding.make_mesh(job.mesh)
+  temperature = 1.0 if reader.temperature_index(1.0) is not None else reader.meta["temperatures"][0]
+  model, _ = hf.load_model(path, dtype=job.model.dtype, param_dtype=job.model.param_dtype,
+                           moe_backend=job.model.moe_backend, attention=job.model.attention,
+                           attention_block=job.model.attention_block,
+                           put=sharding.sharded_put(mesh))
+  return evaluate_model(model, reader, temperature=temperature, mesh=mesh)
+
+
+def write_report(job: Job, mesh=None) -> dict:
+  """Every process evaluates (on the mesh); process 0 prints and writes the files."""
   workdir = Path(job.workdir)
   reader = CacheReader(job.cache_path("eval"))
-  temperature = 1.0 if reader.temperature_index(1.0) is not None else reader.meta["temperatures"][0]
   paths = {"teacher": job.teacher, "student_init": job.student_init,
            "student_distilled": workdir / "export"}
-  report = {}
-  for key, path in paths.items():
-    model, _ = hf.load_model(path, dtype=job.model.dtype, param_dtype=job.model.param_dtype,
-                             moe_backend=job.model.moe_backend, attention=job.model.attention,
-                             attention_block=job.model.attention_block)
-    report[key] = evaluate_model(model, reader, temperature=temperature)
+  report = {key: evaluate_path(job, path, reader, mesh) for key, path in paths.items()}
+  if jax.process_index() != 0:
+    return report
   print(f"{'held-out':<20} {'ppl':>9} {'KL to teacher':>14} {'top-1 agree':>12}")
   for key, name in ROWS:
     r = report[key]

@@ -120,6 +120,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def on_mesh(mesh: Mesh, fn):
+  """fn traced under `mesh` (wrap it before jax.jit): layers that read the abstract mesh (the
+  MoE block's expert parallelism) see it, whoever calls or lowers the jitted function."""
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
 def batch_divisor(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 

@@ -41,20 +41,42 @@ def ensure_caches(job: Job, mesh):
       build_cache(job, split, mesh=mesh, teacher=teacher, checked=True)
 
 
-def ensure_student(job: Job):
-  """The zero-shot student ("checkpoint-0"): compress the teacher if init_from is missing."""
+def ensure_student(job: Job, mesh):
+  """The zero-shot student ("checkpoint-0"): compress the teacher if init_from is missing.
+  Every process takes part: the teacher is read straight into its shardings on the mesh and
+  compressed there; save_model gathers one param at a time and process 0 writes."""
   path = Path(job.student_init)
   if (path / "config.json").exists():
     return path
-  if jax.process_index() == 0:
+  first = jax.process_index() == 0
+  if first:
     print(f"building the zero-shot student at {path} (ranks {job.ranks})")
-    teacher, _ = hf.load_model(job.teacher, param_dtype=job.model.param_dtype)
-    student, report = compress.compress_model(teacher, Compression(*job.ranks))
+  teacher = load(job, job.teacher, mesh)
+  student, report = compress.compress_model(teacher, Compression(*job.ranks), mesh=mesh)
+  if first:
     compress.print_report(report, compress.param_count(teacher), compress.param_count(student))
-    hf.save_model(student, path, tokenizer_from=job.teacher)
+  del teacher
+  hf.save_model(student, path, tokenizer_from=job.teacher)
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices("student init written")
   return path
+
+
+def plan_check(job: Job, mesh, device_memory: int | None = None):
+  """`moedistill.plan`'s check on this run's real mesh, over the programs still to run,
+  before any weight is read. Without `device_memory` it runs on accelerators only (their own
+  limit): on CPU the devices share host memory and the compiles would double the demo's
+  start-up."""
+  from moedistill import plan
+  if device_memory is None:
+    if jax.default_backend() == "cpu":
+      return
+    device_memory = plan.device_memory(jax.devices())
+  which = [name for name, todo in (
+      ("cache_forward", not all(finished(job, s) for s in ("train", "eval"))),
+      ("compress", not (Path(job.student_init) / "config.json").exists()),
+      ("train", True), ("eval", True), ("export", True)) if todo]
+  plan.plan(job, mesh, device_memory, which, show=False, fail_fast=True)
 
 
 def check_against_cache(job: Job, reader: cache.CacheReader, cfg):
@@ -80,6 +102,7 @@ def preflight(job: Job):
                       f"config.cache.temperatures={list(job.cache.temperatures)}; bucket mode "
                       "needs the teacher's full-vocab logsumexp at that temperature")
   mesh = sharding.make_mesh(job.mesh)
+  sharding.check_model_fits_mesh(cfg, mesh)
   div = sharding.batch_divisor(mesh)
   if (job.train.batch_size // job.train.micro_batches) % div:
     raise UserError(f"config.train.batch_size={job.train.batch_size} / micro_batches="
@@ -88,23 +111,25 @@ def preflight(job: Job):
   return mesh
 
 
-def train(job: Job, *, progress: bool = True):
-  """Everything but the report; returns the export directory."""
+def train(job: Job, *, progress: bool = True, device_memory: int | None = None):
+  """Everything but the report; returns the export directory. `device_memory`: bytes per
+  device every program must fit (see plan_check)."""
   mesh = preflight(job)
+  plan_check(job, mesh, device_memory)
   workdir = Path(job.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   ensure_caches(job, mesh)
-  init = ensure_student(job)
+  init = ensure_student(job, mesh)
   reader = cache.CacheReader(job.cache_path("train"))
   student = load(job, init, mesh)
   check_against_cache(job, reader, student.config)
   trainer = Trainer(job, student, reader, mesh, progress=progress)
-  params = {k: sharding.to_host(v) for k, v in trainer.run().items()}  # all processes
+  from moedistill import param_tree as P
+  final = P.merge(trainer.graphdef, trainer.template, trainer.run())
   export = workdir / "export"
-  if jax.process_index() == 0:
-    from moedistill import param_tree as P
-    final = P.merge(trainer.graphdef, trainer.template, params)
-    hf.save_model(final, export, merged=True, tokenizer_from=job.teacher)
+  # Every process: save_model gathers one param at a time (streamed), process 0 writes.
+  hf.save_model(final, export, merged=True, dtype=hf.checkpoint_dtype(job.teacher),
+                tokenizer_from=job.teacher)
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices("export written")
   return export
@@ -113,20 +138,29 @@ def train(job: Job, *, progress: bool = True):
 def main(argv):
   from moedistill.cli import load_job
   from moedistill.report import write_report
-  job, _ = load_job(argv)
+  from moedistill.plan import parse_bytes
+  job, flags = load_job(argv)
   t0 = time.time()
+  memory = None if flags.device_memory is None else parse_bytes(flags.device_memory)
   try:
-    export = train(job)
+    export = train(job, device_memory=memory)
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(0)
+  report = write_report(job)  # every process: the models are evaluated on the mesh
   if jax.process_index() == 0:
-    report = write_report(job)
     print(json.dumps(report, indent=2))
     print(f"done in {time.time() - t0:.0f}s: export {export}, report "
           f"{Path(job.workdir) / 'report.json'}")
 
 
+def define_flags():
+  from absl import flags
+  flags.DEFINE_string("device_memory", None, "before any slow work, check (moedistill.plan) "
+                      "that every program fits this many bytes per device, e.g. 80GiB "
+                      "(default: the accelerators' own limit; no check on CPU)")
+
+
 if __name__ == "__main__":
   from moedistill.cli import run
-  run(main)
+  run(main, extra_flags=(define_flags,))
