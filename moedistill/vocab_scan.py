@@ -3,8 +3,9 @@
 Legend: n tokens, d hidden, v vocab, c vocab chunk, k top-k, s temperatures.
 `scan_vocab` walks [d, c] column slices of the lm_head in place (dynamic slices, no padded
 copy; a last, shorter slice covers v % c). `topk_lse` gives the teacher's top-k logits/ids
-(per-chunk top-k merged into a running top-k; ties go to the lower id, as a dense top_k) and
-the full-vocab logsumexp at each temperature (online logsumexp). Logits are float32.
+(exact, ties to the lower id as a dense top_k; a running top-k over groups of ids, then one
+top_k over the best groups' logits) and the full-vocab logsumexp at each temperature (online
+logsumexp). Logits are float32.
 """
 from __future__ import annotations
 
@@ -39,22 +40,60 @@ def online_lse_update(m, s, z):
   return m_new, s
 
 
-def topk_lse(h_nd, w_dv, k: int, temperatures, chunk: int = 8192):
-  """Returns (topk_logit [n, k] f32, topk_idx [n, k] int32, lse [n, s] f32)."""
+def _chunk_groups(z_nc, start, g: int):
+  """z as groups of g consecutive ids ([n, c/g, g], the tail padded with -inf), each group's
+  max, and each group's first vocab id."""
+  n, c = z_nc.shape
+  pad = -c % g
+  if pad:
+    z_nc = jnp.pad(z_nc, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+  z_ngg = z_nc.reshape(n, -1, g)
+  first = start + g * jnp.arange(z_ngg.shape[1], dtype=jnp.int32)
+  return z_ngg, jnp.max(z_ngg, axis=-1), first
+
+
+def _merge_groups(best, z_ngg, gmax_ng, first_g):
+  """The k groups with the largest max among the running ones and this chunk's, with their
+  values. Ties go to the lower ids: running groups come first and top_k keeps order."""
+  b_max, b_first, b_val = best
+  k = b_max.shape[1]
+  top_max, pos = jax.lax.top_k(jnp.concatenate([b_max, gmax_ng], axis=1), k)
+  old, old_pos = pos < k, jnp.minimum(pos, k - 1)
+  new_pos = jnp.clip(pos - k, 0, gmax_ng.shape[1] - 1)
+  first = jnp.where(old, jnp.take_along_axis(b_first, old_pos, axis=1), first_g[new_pos])
+  val = jnp.where(old[..., None], jnp.take_along_axis(b_val, old_pos[..., None], axis=1),
+                  jnp.take_along_axis(z_ngg, new_pos[..., None], axis=1))
+  return top_max, first, val
+
+
+def topk_lse(h_nd, w_dv, k: int, temperatures, chunk: int = 8192, group: int = 32):
+  """Returns (topk_logit [n, k] f32, topk_idx [n, k] int32, lse [n, s] f32).
+
+  Exact top-k in two levels, because XLA:CPU's TopK costs a few us per row per call plus ~3 ns
+  per element (a top_k per vocab chunk was most of the caching time): the k largest logits of
+  a row lie in the k groups of `group` consecutive ids with the largest maxima (any other
+  group's max is beaten by k maxima of disjoint groups). The scan keeps the k best groups and
+  their logits (one top_k over group maxima per chunk); one last top_k runs over those k x
+  group logits laid out in id order, so ties keep the lower id as a dense top_k."""
   n = h_nd.shape[0]
   temps = jnp.asarray(temperatures, jnp.float32)
 
   def fn(carry, w_dc, start):
-    top_v, top_i, m, s = carry
-    z, ids = chunk_logits(h_nd, w_dc, start)
-    cv, ci = jax.lax.top_k(z, min(k, w_dc.shape[1]))
-    top_v, pos = jax.lax.top_k(jnp.concatenate([top_v, cv], axis=1), k)
-    top_i = jnp.take_along_axis(jnp.concatenate([top_i, ids[ci]], axis=1), pos, axis=1)
+    best, m, s = carry
+    z, _ = chunk_logits(h_nd, w_dc, start)
+    best = _merge_groups(best, *_chunk_groups(z, start, group))
     m, s = online_lse_update(m, s, z[None] / temps[:, None, None])
-    return top_v, top_i, m, s
+    return best, m, s
 
-  init = (jnp.full((n, k), -jnp.inf, jnp.float32), jnp.zeros((n, k), jnp.int32),
-          jnp.full((len(temperatures), n), -jnp.inf, jnp.float32),
-          jnp.zeros((len(temperatures), n), jnp.float32))
-  top_v, top_i, m, s = scan_vocab(fn, init, w_dv, chunk)
+  no_group = jnp.iinfo(jnp.int32).max - group  # placeholder groups sort after real ones
+  best = (jnp.full((n, k), -jnp.inf, jnp.float32), jnp.full((n, k), no_group, jnp.int32),
+          jnp.full((n, k, group), -jnp.inf, jnp.float32))
+  stats = (jnp.full((len(temperatures), n), -jnp.inf, jnp.float32),
+           jnp.zeros((len(temperatures), n), jnp.float32))
+  (_, first, val), m, s = scan_vocab(fn, (best, *stats), w_dv, chunk)
+  order = jnp.argsort(first, axis=1)
+  first = jnp.take_along_axis(first, order, axis=1)
+  val = jnp.take_along_axis(val, order[..., None], axis=1).reshape(n, k * group)
+  top_v, pos = jax.lax.top_k(val, k)
+  top_i = jnp.take_along_axis(first, pos // group, axis=1) + pos % group
   return top_v, top_i, (m + jnp.log(s)).T

@@ -51,8 +51,38 @@ def test_model_ragged_vjp_equals_ragged_in_value_and_grad():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_auto_backend_on_cpu_is_ragged():
-  assert moe.resolve_backend("auto") == "ragged" and not gmm.is_hopper()
+def test_auto_backend_on_cpu_is_sorted():
+  assert moe.resolve_backend("auto") == "sorted" and not gmm.is_hopper()
+
+
+def test_tiled_matmul_equals_per_tile_products_value_and_grad():
+  r = np.random.RandomState(2)
+  te = jnp.asarray([0, 0, 2, 3, 3, 3], jnp.int32)  # 6 tiles of 4 rows; expert 1 has none
+  x, w = jnp.asarray(r.randn(24, 5), jnp.float32), jnp.asarray(r.randn(4, 5, 3), jnp.float32)
+  ct = jnp.asarray(r.randn(24, 3), jnp.float32)
+
+  def ref(x, w):
+    return jnp.concatenate([x[4 * i:4 * i + 4] @ w[int(e)] for i, e in enumerate(te)])
+
+  f = lambda fn: lambda x, w: jnp.sum(fn(x, w) * ct)  # noqa: E731
+  np.testing.assert_allclose(gmm.tiled_matmul(x, w, te), ref(x, w), rtol=1e-6)
+  for a, b in zip(jax.grad(f(lambda x, w: gmm.tiled_matmul(x, w, te)), (0, 1))(x, w),
+                  jax.grad(f(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gather_rows_backward_is_a_gather():
+  r = np.random.RandomState(3)
+  idx = jnp.asarray([2, 0, 5, 2, 1, 5], jnp.int32)  # 5 is past the end of x: reads 0
+  back = jnp.asarray([[1, 6], [4, 6], [0, 3]], jnp.int32)  # rows reading x[i]; 6: none
+  x, ct = jnp.asarray(r.randn(3, 4)), jnp.asarray(r.randn(6, 4))
+  y = gmm.gather_rows(x, idx, back)
+  np.testing.assert_allclose(y, jnp.concatenate([x, jnp.zeros((1, 4))])[jnp.minimum(idx, 3)])
+  g1 = jax.grad(lambda x: jnp.sum(gmm.gather_rows(x, idx, back) * ct))(x)
+  g2 = jax.grad(lambda x: jnp.sum(x.at[idx].get(mode="fill", fill_value=0) * ct))(x)
+  np.testing.assert_allclose(g1, g2)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(gmm.gather_rows(x, idx, back))))(x))
+  assert "scatter" not in jaxpr
 
 
 def test_mgpu_pads_rows_to_the_tile():

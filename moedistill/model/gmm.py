@@ -7,7 +7,9 @@ Legend: m sorted token copies, d in features, f out features, e groups (experts)
 Kernels: `ReferenceKernel` (jax.lax.ragged_dot / ragged_dot_general: exact, any backend;
 the CPU stand-in that tests the VJP wiring) and `MosaicGpuKernel` (Hopper Pallas kernels from
 jax.experimental.pallas.ops.gpu; rows padded to the tile). Default ragged_dot is never used
-on GPU: it lowers to a dense masked matmul there (DESIGN.md).
+on GPU: it lowers to a dense masked matmul there (DESIGN.md), and on CPU too (at 8192 copies
+x 128 experts it costs ~130x the ideal FLOPs), so CPU uses `tiled_matmul` over rows that
+moe.SortedDispatch lays out in one-expert tiles, moved by gather-only `gather_rows`.
 """
 from __future__ import annotations
 
@@ -93,6 +95,35 @@ def _gmm_bwd(kernel, res, dy_mf):
 
 
 grouped_matmul.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def tiled_matmul(x_pd, w_edf, tile_expert_n):
+  """Grouped matmul over rows laid out in tiles that each belong to one expert: tile i of
+  x_pd ([n tiles * tile, d]) times w_edf[tile_expert_n[i]], as one batched matmul. Autodiff's
+  dW sums the [n, d, f] per-tile products into their experts."""
+  n = tile_expert_n.shape[0]
+  x_ntd = x_pd.reshape(n, -1, x_pd.shape[-1])
+  y_ntf = jnp.einsum("ntd,ndf->ntf", x_ntd, w_edf.astype(x_pd.dtype)[tile_expert_n])
+  return y_ntf.reshape(x_pd.shape[0], -1)
+
+
+@jax.custom_vjp
+def gather_rows(x, idx, back_idx):
+  """x[idx], rows of idx past the end of x reading 0. back_idx[i, :] lists the output rows that
+  read row i (entries past the end: none), so the backward is a gather and a sum, not the
+  scatter-add autodiff would emit (a serial loop on XLA:CPU)."""
+  return x.at[idx].get(mode="fill", fill_value=0)
+
+
+def _gather_fwd(x, idx, back_idx):
+  return gather_rows(x, idx, back_idx), back_idx
+
+
+def _gather_bwd(back_idx, ct):
+  return ct.at[back_idx].get(mode="fill", fill_value=0).sum(axis=1), None, None
+
+
+gather_rows.defvjp(_gather_fwd, _gather_bwd)
 
 
 @jax.custom_vjp

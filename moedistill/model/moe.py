@@ -9,6 +9,8 @@ c capacity slots per expert, d hidden, f expert intermediate.
   gmm(a_g, w_edf)    -> per-expert matmul of grouped rows: row of expert e times w_edf[e]
   combine(y_g)       -> [t, d]: router-weighted sum over each token's k copies
 Backends: `ragged` (jax.lax.ragged_dot over sorted copies, dropless, exact on CPU/TPU),
+`sorted` (the same copies in one-expert row tiles, one batched matmul: exact, dropless, the CPU
+path; padding rows are zero, p = buffer rows),
 `capacity` (GShard [e, c, d] batched einsum; copies past capacity are dropped and counted),
 `mgpu` (Hopper Mosaic-GPU grouped matmuls under a custom VJP, gmm.py) and `ragged_vjp` (the
 same custom-VJP wiring with the exact reference kernel, so CPU tests cover it).
@@ -105,23 +107,73 @@ class CapacityDispatch:
     return jnp.zeros((self.t, y_md.shape[-1]), y_md.dtype).at[self.token_m].add(y_md)
 
 
-BACKENDS = ("ragged", "capacity", "ragged_vjp", "mgpu")
+class SortedDispatch:
+  """Exact and dropless, for CPU. Copies sorted by expert go to a buffer where each expert's
+  rows start on a tile boundary, so each tile of `tile` rows belongs to one expert and the
+  grouped matmul is one batched matmul over tiles (gmm.tiled_matmul). Rows: at most
+  m + e * (tile - 1), so work and temporaries ~ routed copies x d x f, where XLA:CPU's
+  ragged_dot is a dense masked matmul (~ m x e x f). Rows move by gathers in both directions."""
+
+  def __init__(self, experts_tk, weights_tk, num_experts: int, tile: int | None = None):
+    t, k = experts_tk.shape
+    m = t * k
+    tile = tile or sorted_tile(m, num_experts)
+    n_tiles = m // tile + min(num_experts, m)  # sum over e of ceil(size_e / tile), at most
+    flat_m = experts_tk.reshape(-1)
+    order_m = jnp.argsort(flat_m, stable=True)
+    sizes_e = jnp.bincount(flat_m, length=num_experts)
+    tiles_e = -(-sizes_e // tile)
+    tile_end_e = jnp.cumsum(tiles_e)
+    # First buffer row minus first sorted copy of each expert: the padding before it.
+    pad_e = (tile_end_e - tiles_e) * tile - (jnp.cumsum(sizes_e) - sizes_e)
+    sorted_e = flat_m[order_m]
+    pos_m = jnp.zeros((m,), jnp.int32).at[order_m].set(
+        (jnp.arange(m) + pad_e[sorted_e]).astype(jnp.int32))  # buffer row of each copy
+    copy_p = jnp.full((n_tiles * tile,), m, jnp.int32).at[pos_m].set(jnp.arange(m))
+    self.pos_m, self.copy_p, self.t, self.k = pos_m, copy_p, t, k
+    # Tiles past the used ones hold zero rows; they take the last expert.
+    self.tile_expert = jnp.minimum(
+        jnp.searchsorted(tile_end_e, jnp.arange(n_tiles), side="right"), num_experts - 1)
+    self.weights_tk = weights_tk
+    self.dropped = jnp.zeros((), jnp.int32)
+
+  def expand(self, a_td):
+    return gmm.gather_rows(a_td, self.copy_p // self.k, self.pos_m.reshape(self.t, self.k))
+
+  def gmm(self, a_pd, w_edf):
+    return gmm.tiled_matmul(a_pd, w_edf, self.tile_expert)
+
+  def combine(self, y_pd):
+    y_tkd = gmm.gather_rows(y_pd, self.pos_m, self.copy_p[:, None]).reshape(self.t, self.k, -1)
+    return jnp.einsum("tkd,tk->td", y_tkd, self.weights_tk.astype(y_pd.dtype))
+
+
+def sorted_tile(m: int, num_experts: int) -> int:
+  """Rows per tile: 32 measured fastest at 8192 copies x 128 experts (scripts/bench_moe_cpu.py);
+  smaller when experts get few copies each, so padding stays below the copies."""
+  return max(8, min(32, 1 << max(0, (m // num_experts).bit_length() - 1)))
+
+
+BACKENDS = ("ragged", "sorted", "capacity", "ragged_vjp", "mgpu")
 
 
 def resolve_backend(name: str) -> str:
   """`auto`: mgpu on Hopper, capacity on other GPUs (default ragged_dot lowers to a dense
-  masked matmul there, see DESIGN.md), ragged on CPU/TPU."""
+  masked matmul there, see DESIGN.md), sorted on CPU (ragged_dot is dense there too),
+  ragged on TPU."""
   if name != "auto":
     return name
   if gmm.is_hopper():
     return "mgpu"
-  return "capacity" if jax.default_backend() == "gpu" else "ragged"
+  return {"gpu": "capacity", "cpu": "sorted"}.get(jax.default_backend(), "ragged")
 
 
 def make_dispatch(backend: str, experts_tk, weights_tk, num_experts: int,
                   capacity_factor: float = 1.25):
   if backend == "ragged":
     return RaggedDispatch(experts_tk, weights_tk, num_experts)
+  if backend == "sorted":
+    return SortedDispatch(experts_tk, weights_tk, num_experts)
   if backend == "ragged_vjp":  # the mgpu wiring with the exact reference kernel (any device)
     return RaggedDispatch(experts_tk, weights_tk, num_experts, gmm.ReferenceKernel())
   if backend == "mgpu":
