@@ -102,6 +102,8 @@ def get_config(arg: str = ""):
   c.train.checkpoint_every = 50        # steps between checkpoints (also at stage ends)
   c.train.keep = 3                     # checkpoints kept
   c.train.log_every = 10               # steps between metrics.jsonl lines
+  c.train.restart_from = ""            # checkpoint step dir (.../checkpoints/<step>) whose params
+                                       # start this run when its workdir has no checkpoints
 
   c.stage_order = "wrappers,all"      # stages to run, in order (ConfigDict keys sort by name)
   c.stages = ml_collections.ConfigDict()

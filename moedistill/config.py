@@ -121,6 +121,7 @@ class TrainConfig:
   keep: int
   log_every: int
   stages: tuple[Stage, ...]
+  restart_from: str = ""  # a checkpoint step directory whose params start a fresh run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +216,7 @@ def _train(c) -> TrainConfig:
                      vocab_chunk=t.vocab_chunk, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio,
                      weight_decay=t.weight_decay, clip_norm=t.clip_norm, b1=t.b1, b2=t.b2,
                      checkpoint_every=t.checkpoint_every, keep=t.keep, log_every=t.log_every,
-                     stages=stages)
+                     stages=stages, restart_from=t.get("restart_from") or "")
 
 
 def job_from_config(c) -> Job:

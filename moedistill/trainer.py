@@ -1,5 +1,10 @@
 """The stage loop: optimizer per stage, sharded jitted steps, prefetch, logging, checkpoints,
-exact resume, SIGTERM and non-finite-loss handling."""
+exact resume, SIGTERM and non-finite-loss handling.
+
+SIGTERM (preemption): every process saves the same step, then `Preempted` is raised. With
+several processes JAX's preemption service (it owns SIGTERM once `jax.distributed` is up)
+agrees on that step; a single process uses its own handler.
+"""
 from __future__ import annotations
 
 import concurrent.futures
@@ -11,11 +16,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from moedistill import optim, param_tree as P, sharding
 from moedistill.cache import CacheReader
-from moedistill.checkpoint import Checkpoints, abstract_like
+from moedistill.checkpoint import Checkpoints, abstract_like, restore_params
 from moedistill.config import Job, Stage
 from moedistill.errors import UserError
 from moedistill.train_step import BATCH_KEYS, StepConfig, make_train_step
@@ -65,7 +71,7 @@ class Trainer:
     self.offsets = np.concatenate([[0], np.cumsum(self.steps)]).astype(int).tolist()
     self.sigterm = False
     self.pool = concurrent.futures.ThreadPoolExecutor(1)
-    self.logger = Logger(self.workdir, jax.process_index() == 0)
+    self.logger = None  # opened after restore: a refused checkpoint leaves the workdir as is
 
   # --- optimizer / state per stage -------------------------------------------------------
   def _stage_setup(self, i: int):
@@ -91,16 +97,24 @@ class Trainer:
     out = jax.tree_util.tree_map_with_path(leaf_sharding, jax.eval_shape(tx.init, trainable))
     return jax.jit(tx.init, out_shardings=out)(trainable)
 
-  def _abstract_for(self, meta):
-    _, tx, paths, _ = self._stage_setup(meta["stage"])
+  def _target_for(self, step: int, meta: dict):
+    i, s = meta["stage"], meta["step_in_stage"]
+    if i >= len(self.steps) or s > self.steps[i] or step != self.offsets[i] + s:
+      raise self.ckpt.mismatch(step, f"stage {i} step {s} is global step {step} there, the "
+                               f"config's stages have {self.steps} steps")
+    _, tx, paths, _ = self._stage_setup(i)
     tr, _ = self._split(paths)
     return {"params": abstract_like(self.params),
             "opt_state": abstract_like(self._init_opt(tx, tr))}
 
   def restore(self):
     """(stage index, step in stage, opt_state or None) to continue from."""
-    got = self.ckpt.restore_latest(self._abstract_for)
+    got = self.ckpt.restore_latest(self._target_for)
     if got is None:
+      if self.job.train.restart_from:
+        self.params = dict(restore_params(self.job.train.restart_from,
+                                          abstract_like(self.params)))
+        print(f"starting from the params of {self.job.train.restart_from}")
       return 0, 0, None
     step, meta, state = got
     self.params = dict(state["params"])
@@ -126,21 +140,42 @@ class Trainer:
 
   def run(self):
     """Runs every remaining stage; returns the final params dict."""
-    old = signal.signal(signal.SIGTERM, self._on_sigterm)
+    # More processes: JAX's preemption service has the signal (see _stop_requested).
+    old = signal.signal(signal.SIGTERM, self._on_sigterm) if jax.process_count() == 1 else None
     try:
       i, s0, opt_state = self.restore()
+      self.logger = Logger(self.workdir, jax.process_index() == 0)
       for i in range(i, len(self.steps)):
         self._run_stage(i, s0, opt_state)
         s0, opt_state = 0, None
       self.ckpt.wait()
       return self.params
     finally:
-      signal.signal(signal.SIGTERM, old)
+      if old is not None:
+        signal.signal(signal.SIGTERM, old)
       self.ckpt.close()
-      self.logger.close()
+      if self.logger is not None:
+        self.logger.close()
 
   def _on_sigterm(self, *_):
     self.sigterm = True
+
+  def _stop_requested(self, g: int) -> bool:
+    """True on every process at the same global step g once any of them got SIGTERM.
+    Called at every step on every process (the service's protocol: it settles on the step
+    after the largest one any process reported when the notice arrived)."""
+    return self.sigterm or multihost_utils.reached_preemption_sync_point(g)
+
+  def _checkpoint(self, i: int, s: int, trainable, frozen, opt_state) -> bool:
+    """Saves at stage ends, every checkpoint_every steps and on preemption; True (after the
+    save has finished) when preempted."""
+    g, stop = self.offsets[i] + s, self._stop_requested(self.offsets[i] + s)
+    if s == self.steps[i] or s % self.job.train.checkpoint_every == 0 or stop:
+      self.params = {**trainable, **frozen}
+      self.ckpt.save(g, {"params": self.params, "opt_state": opt_state},
+                     {"stage": i, "step_in_stage": s, "global_step": g,
+                      "seed": self.job.seed}, wait=stop)
+    return stop
 
   def _compile_step(self, stage: Stage, tx, trainable, opt_state):
     shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
@@ -184,12 +219,7 @@ class Trainer:
       if s % tc.log_every == 0 or s == n:
         self.logger.log({"stage": stage.name, "step": s, "global_step": off + s,
                          "lr": float(sched(s - 1)), "tokens_per_s": tps, **m})
-      if s == n or s % tc.checkpoint_every == 0 or self.sigterm:
-        self.params = {**trainable, **frozen}
-        self.ckpt.save(off + s, {"params": self.params, "opt_state": opt_state},
-                       {"stage": i, "step_in_stage": s, "global_step": off + s,
-                        "seed": self.job.seed}, wait=self.sigterm)
-      if self.sigterm:
+      if self._checkpoint(i, s, trainable, frozen, opt_state):
         bar.close()
         raise Preempted(f"SIGTERM: saved checkpoint at global step {off + s}")
     bar.close()
