@@ -133,9 +133,11 @@ def load_job(argv=None, required: bool = True):
   given), after starting multi-host JAX."""
   from moedistill.config import job_from_config
   del argv  # positional arguments are refused in run()
+  config = FLAGS.config
   try:
-    config = FLAGS.config
-  except OSError as e:  # config_flags defers a file that failed to load until first use
+    if config is not None:
+      config.keys()  # config_flags defers a file that failed to load until first use
+  except OSError as e:
     raise UserError(f"--config: {_one_line(e)}") from None
   if config is None and required:
     raise UserError("--config is required, e.g. --config=configs/two_stage.py")

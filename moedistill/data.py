@@ -134,7 +134,10 @@ def load_tokenizer(path):
   if not Path(path, "tokenizer_config.json").exists() and not Path(path, "tokenizer.json").exists():
     raise ConfigError(f"data.tokenizer={path}: no tokenizer files there (expected a local "
                       "directory with tokenizer.json / tokenizer_config.json)")
-  tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+  try:
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+  except ValueError as e:  # e.g. custom code: never run (trust_remote_code=False)
+    raise ConfigError(f"data.tokenizer={path}: {str(e).splitlines()[0]}") from None
   if tok.eos_token_id is None:
     raise ConfigError(f"data.tokenizer={path}: tokenizer has no eos_token, needed for packing")
   return tok

@@ -1,5 +1,7 @@
 """Safety: weights only from safetensors (a pickle checkpoint is refused, never unpickled), no
-remote code, and a whole run writes nothing outside its configured paths."""
+remote code (a tokenizer or model that asks for it is refused and its code never runs), and a
+whole run writes nothing outside its configured paths."""
+import json
 import os
 import subprocess
 import sys
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import job_config, make_hf_checkpoint, make_tokenizer, write_config_file
+from conftest import job_config, make_hf_checkpoint, make_tokenizer, run_cli, write_config_file
 from moedistill import hf
 from moedistill.errors import CheckpointFileError
 
@@ -28,13 +30,49 @@ def test_pickle_checkpoint_is_refused(tmp_path):
   assert not marker.exists()
 
 
-def test_no_trust_remote_code_anywhere():
-  src = Path(__file__).resolve().parent.parent / "moedistill"
-  for f in src.rglob("*.py"):
-    text = f.read_text()
-    assert "trust_remote_code=True" not in text, f
-    for bad in ("import pickle", "pickle.load", "torch.load", "allow_pickle=True"):
-      assert bad not in text, (f, bad)
+def _custom_code(directory: Path, config_name: str, auto_map: dict, **fields) -> Path:
+  """Makes `directory` ask for remote code: a module that, if ever imported, leaves a marker
+  file, named by auto_map in `config_name`. Returns the marker's path."""
+  marker = directory / "pwned"
+  (directory / "evil.py").write_text(
+      f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+      "from transformers import PreTrainedTokenizerFast, PretrainedConfig\n"
+      "class EvilTokenizer(PreTrainedTokenizerFast): pass\n"
+      "class EvilConfig(PretrainedConfig): model_type = 'evil'\n")
+  f = directory / config_name
+  f.write_text(json.dumps({**json.loads(f.read_text()), "auto_map": auto_map, **fields}))
+  return marker
+
+
+def _one_line_refusal(r, expected):
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def test_tokenizer_with_custom_code_is_refused_not_run(tmp_path):
+  teacher, tok = tmp_path / "teacher", tmp_path / "tokenizer"
+  make_hf_checkpoint(teacher, vocab_size=64)
+  make_tokenizer(tok)
+  marker = _custom_code(tok, "tokenizer_config.json",
+                        {"AutoTokenizer": [None, "evil.EvilTokenizer"]},
+                        tokenizer_class="EvilTokenizer")
+  c = job_config(tmp_path, teacher, **{"data.tokenizer": str(tok)})
+  r = run_cli("moedistill.cache_logits", f"--config={write_config_file(tmp_path, c)}")
+  _one_line_refusal(r, "custom code")
+  assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_model_with_custom_code_is_refused_not_run(tmp_path):
+  teacher = tmp_path / "teacher"
+  make_hf_checkpoint(teacher)
+  marker = _custom_code(teacher, "config.json", {"AutoConfig": "evil.EvilConfig",
+                                                 "AutoModelForCausalLM": "evil.EvilModel"},
+                        model_type="evil")
+  r = run_cli("moedistill.compress", f"--teacher={teacher}", f"--out={tmp_path / 'out'}",
+              "--rank=2")
+  _one_line_refusal(r, "model_type")
+  assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_run_writes_only_inside_its_paths(tmp_path):

@@ -1,0 +1,155 @@
+"""Every command in README.md, as written, so the README cannot drift from the code.
+
+- Shell code blocks: each `python -m moedistill.<command> ...` runs parse-only with the same
+  flags, through `moedistill.plan` when that command exists, else `moedistill.params` (both
+  read the config, every override and the teacher's config.json, and load no weights). A
+  teacher path that does not exist here (the "A real model" block's /models/Qwen3-30B-A3B)
+  becomes a directory holding Qwen3-30B-A3B's real config.json. The demo command does real
+  work in tests/test_demo.py (same command and config, fewer rows and steps) and
+  `bash scripts/test.sh` is this suite; installs and downloads (pip, venv, hf) are not run.
+  Any other command fails the test until it is classified here.
+- Inline `--config.<field>=<value>` examples in the prose: all parsed in one run.
+- The commands table: one row per command module, and every flag a row names is defined.
+- The parameter-group examples (python block): each is a valid `groups` for the demo student.
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, re.S)
+PROSE = re.sub(r"```.*?```", "", README, flags=re.S)
+NOT_RUN = {"setup": "installs or downloads", "suite": "this test suite",
+           "demo": "tests/test_demo.py runs it"}
+
+
+def shell_commands():
+  """Each command of the bash blocks as an argv list (continuations joined, comments and
+  `&&` split off)."""
+  out = []
+  for lang, body in BLOCKS:
+    if lang != "bash":
+      continue
+    for line in body.replace("\\\n", " ").splitlines():
+      tokens = shlex.split(line, comments=True)
+      while tokens:
+        cut = tokens.index("&&") if "&&" in tokens else len(tokens)
+        out.append(tokens[:cut])
+        tokens = tokens[cut + 1:]
+  return out
+
+
+def kind(argv) -> str:
+  if argv[0] in ("hf", "pip") or argv[0].endswith("/pip") or argv[1:3] == ["-m", "venv"]:
+    return "setup"
+  if argv[:2] == ["bash", "scripts/test.sh"]:
+    return "suite"
+  if Path(argv[0]).name.startswith("python") and argv[1] == "-m" and \
+      argv[2].startswith("moedistill."):
+    return "demo" if argv[2:] == ["moedistill.train", "--config=configs/two_stage.py"] \
+        else "moedistill"
+  raise AssertionError(f"README command not classified by this test: {shlex.join(argv)}")
+
+
+def qwen3_30b_a3b_dir(tmp_path) -> Path:
+  """Qwen3-30B-A3B's config.json (the hub's values), written by transformers; no weights."""
+  from transformers import Qwen3MoeConfig
+  d = tmp_path / "Qwen3-30B-A3B"
+  d.mkdir()
+  Qwen3MoeConfig(
+      vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+      num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+      num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rms_norm_eps=1e-6,
+      rope_theta=1_000_000.0, max_position_embeddings=40960, bos_token_id=151643,
+      eos_token_id=151645, tie_word_embeddings=False).to_json_file(d / "config.json")
+  return d
+
+
+def parse_only(flags, tmp_path):
+  """(result, command): the flags through the parse-only command, with a teacher path that
+  does not exist here replaced by Qwen3-30B-A3B's config.json."""
+  argv = []
+  for f in flags:
+    name, _, value = f.partition("=")
+    if name == "--config.teacher" and not Path(value).is_dir():
+      f = f"{name}={qwen3_30b_a3b_dir(tmp_path)}"
+    argv.append(f)
+  command = "moedistill.plan" if find_spec("moedistill.plan") else "moedistill.params"
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", command, *argv], capture_output=True,
+                        text=True, cwd=REPO, env=env, timeout=600), command
+
+
+def test_every_shell_command_is_classified():
+  kinds = [kind(c) for c in shell_commands()]
+  assert kinds.count("moedistill") >= 1 and kinds.count("demo") == 1, kinds
+
+
+@pytest.mark.parametrize("argv", [c for c in shell_commands() if kind(c) == "moedistill"],
+                         ids=lambda c: c[2])
+def test_readme_command_parses(argv, tmp_path):
+  r, command = parse_only(argv[3:], tmp_path)
+  assert r.returncode == 0, f"{shlex.join(argv)}\n{r.stderr[-3000:]}"
+  if command == "moedistill.params" and "qwen3_30b_a3b" in argv[3]:
+    assert "layers.47.mlp.experts.wrapper.down_b" in r.stdout  # the 48-layer config was read
+
+
+def test_prose_overrides_parse(tmp_path):
+  found = re.findall(r"(--config\.[\w.]+)=('[^']*'|[^\s`]+)", PROSE)
+  assert len(found) >= 4, found
+  overrides = [f"{name}={value.strip(chr(39))}" for name, value in found]
+  r, _ = parse_only(["--config=configs/two_stage.py", *overrides], tmp_path)
+  assert r.returncode == 0, f"{overrides}\n{r.stderr[-3000:]}"
+
+
+def help_text(module: str) -> str:
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", module, "--helpfull"], capture_output=True,
+                     text=True, env=env, timeout=300, cwd=REPO)
+  return r.stdout + r.stderr
+
+
+def table_rows():
+  return re.findall(r"^\| `python -m (moedistill\.\w+)([^`]*)` \|", README, re.M)
+
+
+def test_table_lists_every_command():
+  commands = {f"moedistill.{p.stem}" for p in (REPO / "moedistill").glob("*.py")
+              if 'if __name__ == "__main__":' in p.read_text()}
+  assert {m for m, _ in table_rows()} == commands
+
+
+@pytest.mark.parametrize("module,flags", table_rows(), ids=lambda x: x if "." in x else "")
+def test_table_flags_are_defined(module, flags):
+  text = help_text(module)
+  for name in re.findall(r"--([\w.]+)", flags):
+    assert re.search(rf"--(\[no\])?{re.escape(name)}:", text), f"{module} has no --{name}"
+
+
+@pytest.mark.parametrize("literal", [l.split("#")[0].strip() for lang, body in BLOCKS
+                                     if lang == "python" for l in body.splitlines() if l.strip()])
+def test_group_examples_are_valid(literal):
+  """Each README group list, given as an override, covers the demo student's params."""
+  import importlib.util
+  from moedistill import optim, param_tree
+  from moedistill.cli import ListParser
+  from moedistill.config import job_from_config
+  from moedistill.model.config import ModelConfig
+  from moedistill.model.shared_core import Compression
+  spec = importlib.util.spec_from_file_location("two_stage", REPO / "configs" / "two_stage.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.stages.all.groups = ListParser().parse(literal)
+  job = job_from_config(c)
+  cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
+  paths = list(param_tree.shapes(param_tree.abstract_student(cfg, Compression(*job.ranks))))
+  stage = {s.name: s for s in job.train.stages}["all"]
+  assert len(optim.assign(paths, stage.groups, "groups")) == len(paths)
