@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moedistill.errors import ConfigError
-from moedistill.model import attention, moe
+from moedistill.model import attention, expert_parallel, moe
 from moedistill.model.config import ModelConfig
 from moedistill.model.layers import (REMAT_POLICIES, Linear, RMSNorm, Runtime, param,
                                      positions_from_segments, rope)
@@ -84,6 +84,9 @@ class MoeBlock(nnx.Module):
                                                cfg.num_experts, rt)
 
   def __call__(self, x_btd):
+    mesh = expert_parallel.active_mesh()
+    if mesh is not None:  # under a multi-device mesh: shard_map, tokens go to their experts
+      return expert_parallel.moe_block(mesh, self, x_btd)
     b, t, d = x_btd.shape
     x_td = x_btd.reshape(b * t, d)
     logits_te, weights_tk, experts_tk = moe.route(x_td, self.gate.kernel[...], self.k,

@@ -1,0 +1,219 @@
+"""Expert parallelism on 8 forced CPU devices equals one device: MoE layer output, router
+logits and gradients w.r.t. the input and every weight (float32), on meshes
+(data, fsdp, expert, tensor) = (8,1,1,1), (1,8,1,1), (1,1,8,1), (2,1,4,1), (1,1,4,2), with
+dense (teacher) and shared-core (student) experts, even and very uneven routing, the dropless
+and the capacity backends; a whole train step on (2,1,4,1); bad layouts refused before compiling.
+
+The device work runs in a child process (`python tests/test_expert_parallel.py CASE...`) so the
+8 forced devices never leak into other tests; it prints one JSON line of max differences.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+if __name__ == "__main__":  # only as a script: an import must not leak 8 devices to others
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+MESHES = ["8,1,1,1", "1,8,1,1", "1,1,8,1", "2,1,4,1", "1,1,4,2"]
+
+
+def _cfg():
+  import dataclasses
+  from moedistill.model import tiny
+  # 8 experts (divisible by every expert axis above), top-3, intermediate 12 (tensor=2 -> 6).
+  return dataclasses.replace(tiny(), num_experts=8, num_experts_per_tok=3)
+
+
+def _block(cfg, kind: str, backend: str, uneven: bool):
+  import jax.numpy as jnp
+  from flax import nnx
+  from moedistill.model.layers import Runtime
+  from moedistill.model.qwen3_moe import DenseExperts, MoeBlock
+  from moedistill.model.shared_core import Compression, SharedCoreExperts
+  # capacity: a factor of experts/k gives every expert room for every token (no drops), so the
+  # layer equals one device; with drops, the capacity is per shard (see test_capacity_drops).
+  cf = cfg.num_experts / cfg.num_experts_per_tok if backend == "capacity" else 1.25
+  rt = Runtime(moe_backend=backend, capacity_factor=cf)
+  rngs = nnx.Rngs(0)
+  experts = (DenseExperts(cfg, rt, rngs) if kind == "dense"
+             else SharedCoreExperts(cfg, Compression(5, 4, 3), rt, rngs))
+  if kind != "dense":  # the wrappers' B start at zero: give them values so dW_a is not zero
+    for p in ("gate", "up", "down"):
+      b = getattr(experts.wrapper, f"{p}_b")
+      b[...] = 0.3 * jnp.sin(jnp.arange(b[...].size, dtype=jnp.float32)).reshape(b[...].shape)
+  block = MoeBlock(cfg, rt, rngs, experts)
+  if uneven:  # input dim 0 carries a large constant: expert 5 tops every token's choice
+    block.gate.kernel[...] = block.gate.kernel[...].at[0, 5].set(3.0)
+  return block
+
+
+def _inputs(cfg, uneven: bool, rows=8, seq=6):
+  r = np.random.RandomState(1)
+  x = r.randn(rows, seq, cfg.hidden_size).astype(np.float32)
+  if uneven:
+    x[..., 0] = 4.0
+  ct = r.randn(rows, seq, cfg.hidden_size).astype(np.float32)
+  return x, ct
+
+
+def layer_case(mesh_s: str, kind: str, backend: str, uneven: bool) -> dict:
+  """Max |difference| to one device of y, router logits, dL/dx and dL/dW for each weight."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from moedistill import sharding
+  cfg = _cfg()
+  block = _block(cfg, kind, backend, uneven)
+  graphdef, state = nnx.split(block)
+  x, ct = _inputs(cfg, uneven)
+
+  def loss(state, x):
+    y, logits, dropped = nnx.merge(graphdef, state)(x)
+    return jnp.sum(y * ct) + 0.1 * jnp.sum(jnp.sin(logits)), (y, logits, dropped)
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  (_, ref), ref_g = fn(state, x)
+  shape = tuple(int(v) for v in mesh_s.split(","))
+  mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
+  put = lambda v: jax.device_put(v.get_value(), sharding.param_sharding(  # noqa: E731
+      mesh, v.shape, v.get_metadata().get("logical_axes")))
+  sh_state = jax.tree.map(lambda v: v.replace(put(v)), state,
+                          is_leaf=lambda v: isinstance(v, nnx.Variable))
+  xs = jax.device_put(x, sharding.batch_sharding(mesh, 3))
+  with jax.set_mesh(mesh):
+    (_, out), g = fn(sh_state, xs)
+    hlo = fn.lower(sh_state, xs).as_text()
+  diff = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))))  # noqa: E731
+  res = {"y": diff(out[0], ref[0]), "logits": diff(out[1], ref[1]), "dx": diff(g[1], ref_g[1]),
+         "dropped": [int(out[2]), int(ref[2])], "all_to_all": hlo.count("all_to_all"),
+         "shard_map": "shard_map" in hlo or "manual" in hlo,
+         "scale": {k: float(np.max(np.abs(np.asarray(v)))) for k, v in
+                   (("y", ref[0]), ("logits", ref[1]), ("dx", ref_g[1]))}}
+  flat_g, flat_r = nnx.to_flat_state(g[0]), nnx.to_flat_state(ref_g[0])
+  res["dW"] = {".".join(map(str, p)): diff(a.get_value(), b.get_value())
+               for (p, a), (_, b) in zip(flat_g, flat_r)}
+  res["dW_scale"] = {".".join(map(str, p)): float(np.max(np.abs(np.asarray(b.get_value()))))
+                     for p, b in flat_r}
+  # Expert 5's share of copies, to show the routing really is uneven.
+  _, _, e_tk = __import__("moedistill.model.moe", fromlist=["route"]).route(
+      jnp.asarray(x.reshape(-1, cfg.hidden_size)), block.gate.kernel[...],
+      cfg.num_experts_per_tok, cfg.norm_topk_prob)
+  res["top_share"] = float(np.max(np.bincount(np.asarray(e_tk).ravel(), minlength=8))
+                           / e_tk.shape[0])
+  return res
+
+
+def step_case(mesh_s: str) -> dict:
+  """One train step of a tiny shared-core student with 8 experts (sharded_step_check.run) on
+  a mesh; counts the MoE layers that went through shard_map."""
+  import dataclasses
+  import jax
+  import sharded_step_check as S
+  from moedistill import sharding
+  from moedistill.model import expert_parallel as EP
+  cfg = dataclasses.replace(_cfg(), num_experts_per_tok=2)
+  S.tiny = lambda: cfg
+  calls, orig = [], EP.moe_block
+  EP.moe_block = lambda *a: calls.append(1) or orig(*a)
+  shape = tuple(int(v) for v in mesh_s.split(","))
+  mesh = sharding.make_mesh(sharding.MeshConfig(*shape), jax.devices()[:int(np.prod(shape))])
+  with jax.set_mesh(mesh):
+    out = S.run(shape, 1, 0.01)
+  return {**out, "ep_layers": len(calls)}
+
+
+def bad_case(what: str) -> str:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from moedistill import sharding
+  from moedistill.errors import ConfigError
+  cfg = _cfg()
+  if what == "experts":
+    import dataclasses
+    cfg = dataclasses.replace(cfg, num_experts=6)
+  block = _block(cfg, "dense", "ragged", False)
+  mesh = sharding.make_mesh(sharding.MeshConfig(2, 1, 4, 1))
+  rows = 8 if what == "experts" else 6
+  x = jnp.zeros((rows, 4, cfg.hidden_size))
+  graphdef, state = nnx.split(block)
+  try:
+    with jax.set_mesh(mesh):
+      jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0]).lower(state, x)
+  except ConfigError as e:
+    return str(e)
+  return "no error"
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  out = {}
+  for spec in sys.argv[1:]:
+    kind, *args = spec.split(":")
+    if kind == "layer":
+      out[spec] = layer_case(args[0], args[1], args[2], args[3] == "uneven")
+    elif kind == "step":
+      out[spec] = step_case(args[0])
+    else:
+      out[spec] = bad_case(args[0])
+  print(json.dumps(out))
+
+
+# ------------------------------------------------------------------------------ the tests
+def _run(*specs):
+  r = subprocess.run([sys.executable, __file__, *specs], capture_output=True, text=True,
+                     timeout=1200, env=dict(os.environ, PYTHONPATH=str(
+                         pathlib.Path(__file__).parent.parent)))
+  assert r.returncode == 0, r.stderr[-4000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+LAYER_SPECS = ([f"layer:{m}:dense:ragged:uneven" for m in MESHES]
+               + [f"layer:{m}:core:ragged:even" for m in MESHES]
+               + ["layer:2,1,4,1:core:ragged_vjp:uneven", "layer:1,1,4,2:dense:capacity:even",
+                  "layer:1,1,8,1:dense:capacity:uneven"])
+
+
+@pytest.fixture(scope="module")
+def layer_results():
+  return _run(*LAYER_SPECS)
+
+
+@pytest.mark.parametrize("spec", LAYER_SPECS)
+def test_layer_matches_one_device(layer_results, spec):
+  r = layer_results[spec]
+  tol = 1e-5  # relative to the largest element: float32 sums in another order, nothing more
+  for k in ("y", "logits", "dx"):
+    assert r[k] <= tol * r["scale"][k], (k, r)
+  for k, v in r["dW"].items():
+    assert r["dW_scale"][k] > 0 and v <= tol * r["dW_scale"][k], (k, r)
+  assert r["dropped"][0] == r["dropped"][1], r
+  if ":capacity:" not in spec:
+    assert r["dropped"] == [0, 0]  # dropless
+  if ":uneven" in spec:
+    assert r["top_share"] >= 0.9, r  # expert 5 takes (nearly) every token
+  expert_axis = int(spec.split(":")[1].split(",")[2])
+  assert (r["all_to_all"] > 0) == (expert_axis > 1), r  # tokens travel only with expert > 1
+
+
+def test_train_step_matches_one_device():
+  out = _run("step:1,1,1,1", "step:2,1,4,1")
+  a, b = out["step:1,1,1,1"], out["step:2,1,4,1"]
+  assert a["ep_layers"] == 0 and b["ep_layers"] == 2  # 3 layers, layer 1 is a dense MLP
+  np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-5)
+  for k in a["params"]:
+    # Adam's first step amplifies float32 reduction-order noise on near-zero grads (see
+    # test_sharded_step.py): same tolerance as there.
+    np.testing.assert_allclose(b["params"][k], a["params"][k], atol=5e-5, err_msg=k)
+
+
+def test_bad_layouts_refused_before_compiling():
+  out = _run("bad:experts", "bad:rows")
+  assert out["bad:experts"] == "mesh.expert=4: expected a divisor of num_experts=6"
+  assert out["bad:rows"].startswith("MoE batch of 6 rows: expected a multiple of the mesh's 8")
