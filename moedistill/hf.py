@@ -263,18 +263,19 @@ def _write_shards(arrays, table, out_dir, dtype, max_shard_bytes, writing) -> di
       weight_map[e.hf_key] = name
     if writing:
       st.write(out_dir / name, tensors)
-      _pause_hook(name)
+      _pause_hook(names, name)
     del tensors
   return weight_map
 
 
-def _pause_hook(name):
-  """Test hook: MOEDISTILL_PAUSE_AFTER_SHARD=<seconds> sleeps after each shard file, so a
-  kill test can land mid-export deterministically."""
-  delay = float(os.environ.get("MOEDISTILL_PAUSE_AFTER_SHARD", "0") or 0)
-  if delay:
+def _pause_hook(names, name):
+  """Test hook: with MOEDISTILL_PAUSE_AT_SHARD=k, print `wrote shard NAME` after each shard
+  file and stop for 10 min after the k-th, so a kill test lands mid-export at a known point."""
+  k = int(os.environ.get("MOEDISTILL_PAUSE_AT_SHARD", "0") or 0)
+  if k:
     print(f"wrote shard {name}", flush=True)
-    time.sleep(delay)
+    if names.index(name) + 1 == k:
+      time.sleep(600)
 
 
 def save_model(model, path, *, merged: bool = False, max_shard_bytes: int = 5 * 2**30,
