@@ -49,15 +49,18 @@ def get_config(arg: str = ""):
   c.data.tokenizer = ""                # tokenizer directory ('' = the teacher's)
   c.data.seq_len = 128                 # packed row length (documents joined with EOS)
   c.data.text_field = "text"           # column holding the text
+  c.data.block_bytes = 64 * 2**20      # jsonl/txt piece: unit of tokenizing, host split, resume
   c.data.train = _split([str(ASSETS / "corpus" / "train.jsonl")])
   c.data.eval = _split([str(ASSETS / "corpus" / "heldout.jsonl")])
 
   c.cache = ml_collections.ConfigDict()
-  c.cache.path = ""                    # directory or kvstore URL ('' = <workdir>/cache)
+  c.cache.path = ""                    # directory, kvstore URL or kvstore JSON spec ('' = <workdir>/cache)
   c.cache.k = 32                       # teacher top-k kept per token
   c.cache.temperatures = [1.0, 2.0]    # full-vocab logsumexp stored for each
   c.cache.rows_per_chunk = 8           # rows per TensorStore chunk (unit of resume)
   c.cache.chunks_per_step = 2          # chunks per process per teacher forward
+  c.cache.shuffle_chunks = 8           # training reads: chunks whose rows are shuffled together
+  c.cache.prefetch = 4                 # training reads: batches read ahead (async)
   c.cache.vocab_chunk = 8192           # vocab columns per step of the top-k/logsumexp scan
   c.cache.codec = "zstd"               # zstd | none (a crc32c checksum is always stored)
 

@@ -30,11 +30,43 @@ def kvstore_url(path: str) -> str:
   return url.rstrip("/") + "/"
 
 
+def kvstore_spec(path: str, sub: str = ""):
+  """TensorStore kvstore for `sub` under a cache path: a local directory, a kvstore URL
+  (gs://, s3://, memory://) or a kvstore JSON spec (an S3-compatible store needs its
+  "endpoint" in the spec: a plain s3:// URL cannot carry it)."""
+  if path.lstrip().startswith("{"):
+    try:
+      spec = json.loads(path)
+    except json.JSONDecodeError as e:
+      raise UserError(f"cache.path={path}: not a valid kvstore JSON spec ({e.msg})") from None
+    base = str(spec.get("path", "")).strip("/")
+    return {**spec, "path": (base + "/" if base else "") + sub}
+  return kvstore_url(path) + sub
+
+
+def join(path: str, *parts: str) -> str:
+  """A cache path below `path` (a directory, URL or JSON spec), e.g. the split's."""
+  if path.lstrip().startswith("{"):
+    spec = kvstore_spec(path, "/".join(parts))
+    return json.dumps(spec)
+  if "://" in path:
+    return "/".join([path.rstrip("/"), *parts])
+  return os.path.join(path, *parts)
+
+
+def token_layout(rows: int, seq_len: int, rows_per_chunk: int):
+  return {"tokens": (np.int32, (rows, seq_len)), "segment_ids": (np.int32, (rows, seq_len)),
+          "tokens_done": (np.uint8, (-(-rows // rows_per_chunk),))}
+
+
 def array_layout(meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
   n, L, k, s = meta["rows"], meta["seq_len"], meta["k"], len(meta["temperatures"])
-  return {"tokens": (np.int32, (n, L)), "segment_ids": (np.int32, (n, L)),
+  return {**token_layout(n, L, meta["rows_per_chunk"]),
           "topk_idx": (np.int32, (n, L, k)), "topk_logit": (ml_dtypes.bfloat16, (n, L, k)),
           "lse": (np.float32, (n, L, s)), "done": (np.uint8, (n_chunks(meta),))}
+
+
+LOGIT_ARRAYS = ("topk_idx", "topk_logit", "lse", "done")
 
 
 def n_chunks(meta) -> int:
@@ -46,17 +78,21 @@ def _spec(path, name, dtype, shape, chunk0, codec):
   if codec == "zstd":
     codecs.append({"name": "zstd", "configuration": {"level": 3}})
   codecs.append({"name": "crc32c"})
-  return {"driver": "zarr3", "kvstore": kvstore_url(path) + name + "/",
+  return {"driver": "zarr3", "kvstore": kvstore_spec(path, name + "/"),
           "metadata": {"shape": list(shape), "data_type": np.dtype(dtype).name,
                        "chunk_grid": {"name": "regular", "configuration": {
                            "chunk_shape": [chunk0, *shape[1:]]}},
                        "codecs": codecs}}
 
 
-def open_arrays(path: str, meta: dict, create: bool = False) -> dict[str, ts.TensorStore]:
+def open_arrays(path: str, meta: dict, create: bool = False, names=None,
+                layout=None) -> dict[str, ts.TensorStore]:
+  """The cache's arrays (`names` of them, default all); `layout` overrides `array_layout`."""
   out, futures = {}, {}
-  for name, (dtype, shape) in array_layout(meta).items():
-    chunk0 = 1 if name == "done" else meta["rows_per_chunk"]
+  for name, (dtype, shape) in (layout or array_layout(meta)).items():
+    if names is not None and name not in names:
+      continue
+    chunk0 = 1 if name in ("done", "tokens_done") else meta["rows_per_chunk"]
     spec = _spec(path, name, dtype, shape, chunk0, meta["codec"])
     if not create:
       spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
@@ -71,12 +107,12 @@ def open_arrays(path: str, meta: dict, create: bool = False) -> dict[str, ts.Ten
 
 
 def kvstore(path: str) -> ts.KvStore:
-  return ts.KvStore.open(kvstore_url(path), context=CONTEXT).result()
+  return ts.KvStore.open(kvstore_spec(path), context=CONTEXT).result()
 
 
-def read_metadata(path: str) -> dict | None:
+def read_metadata(path: str, name: str = "metadata.json") -> dict | None:
   try:
-    r = kvstore(path).read("metadata.json").result()
+    r = kvstore(path).read(name).result()
   except ValueError as e:
     raise UserError(f"cache.path={path}: cannot read ({str(e).splitlines()[0][:160]})") from None
   if r.state != "value":
@@ -84,16 +120,16 @@ def read_metadata(path: str) -> dict | None:
   try:
     return json.loads(r.value)
   except json.JSONDecodeError:
-    raise UserError(f"cache {path}: metadata.json is corrupted (not valid JSON)") from None
+    raise UserError(f"cache {path}: {name} is corrupted (not valid JSON)") from None
 
 
-def write_metadata(path: str, meta: dict):
-  kvstore(path).write("metadata.json", json.dumps(meta, indent=2).encode()).result()
+def write_metadata(path: str, meta: dict, name: str = "metadata.json"):
+  kvstore(path).write(name, json.dumps(meta, indent=2).encode()).result()
 
 
-def first_difference(old: dict, new: dict) -> str | None:
+def first_difference(old: dict, new: dict, ignored=IGNORED_FIELDS) -> str | None:
   for key in list(new) + [k for k in old if k not in new]:  # the writer's field order
-    if key not in IGNORED_FIELDS and old.get(key) != new.get(key):
+    if key not in ignored and old.get(key) != new.get(key):
       return key
   return None
 
@@ -111,7 +147,7 @@ def to_dense(topk_idx_lk, topk_logit_lk, lse_l, vocab_size: int, temperature: fl
 
 
 class CacheReader:
-  """Opens a complete cache; `batch(step)` is a pure function of (seed, step, process)."""
+  """Opens a complete cache for reading rows (training reads go through `loader.Loader`)."""
 
   def __init__(self, path: str):
     self.path = path
@@ -152,7 +188,10 @@ class CacheReader:
   def read_rows(self, idx) -> dict[str, np.ndarray]:
     idx = np.asarray(idx, np.int64)
     names = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse")
-    futures = {n: self.arrays[n].oindex[idx].read() for n in names}
+    return self.result({n: self.arrays[n].oindex[idx].read() for n in names}, idx)
+
+  def result(self, futures: dict, idx) -> dict[str, np.ndarray]:
+    """Waits for reads of rows `idx`; a damaged chunk is reported with its rows."""
     out = {}
     for n, f in futures.items():
       try:
@@ -164,23 +203,3 @@ class CacheReader:
                         f"{[(c * r, c * r + r - 1) for c in bad][:4]} "
                         f"({str(e).splitlines()[0][:120]}); rebuild with --overwrite") from None
     return out
-
-  def global_indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """Row ids of the global batch at `step`: epoch-wise permutations, consumed in order."""
-    start = step * batch_size
-    out, pos = [], start
-    while len(out) < batch_size:
-      epoch, off = divmod(pos, self.rows)
-      perm = np.random.default_rng([seed, epoch]).permutation(self.rows)
-      take = perm[off: off + batch_size - len(out)]
-      out.extend(take.tolist())
-      pos += len(take)
-    return np.asarray(out, np.int64)
-
-  def batch(self, step: int, batch_size: int, seed: int, process_index: int = 0,
-            process_count: int = 1) -> dict[str, np.ndarray]:
-    if batch_size % process_count:
-      raise UserError(f"batch_size={batch_size} is not divisible by {process_count} processes")
-    per = batch_size // process_count
-    idx = self.global_indices(step, batch_size, seed)[process_index * per:(process_index + 1) * per]
-    return self.read_rows(idx)

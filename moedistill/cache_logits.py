@@ -1,9 +1,12 @@
 """Cache the teacher's top-k logits and full-vocab logsumexp for the train and eval rows.
 
 CLI: python -m moedistill.cache_logits --config=configs/two_stage.py [--overwrite]
-     [--split=train|eval|both]
-Resumable: chunks already marked done are skipped, so rerunning a killed command finishes
-the cache. Multi-host: every process runs the same command (after jax.distributed
+     [--split=train|eval|both] [--phase=tokens|logits|all] [--verify]
+Two phases: `tokens` (moedistill.tokens: stream, tokenize, pack, split between processes) and
+`logits` (the teacher over the token chunks). Resumable: finished pieces and chunks are
+skipped, so rerunning a killed command finishes the cache. A later start compares the data
+files' size and mtime and re-hashes only the changed ones (`--verify`: all of them).
+Multi-host: every process runs the same command (after jax.distributed
 .initialize); each writes only the chunks it owns; process 0 writes metadata.
 """
 from __future__ import annotations
@@ -20,9 +23,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from moedistill import cache, hf, sharding
+from moedistill import cache, hf, sharding, tokens
 from moedistill.config import Job
-from moedistill.data import build_rows, fingerprint, load_texts
+from moedistill.data import load_tokenizer
 from moedistill.errors import ConfigError, UserError
 from moedistill.model.config import ModelConfig
 from moedistill.vocab_scan import topk_lse
@@ -37,40 +40,38 @@ def teacher_hash(path) -> str:
   return h.hexdigest()[:16]
 
 
-def make_metadata(job: Job, spec, cfg: ModelConfig, rows=None) -> dict:
-  """The cache's metadata; without `rows` (no tokenization) the row count is left out."""
+def make_metadata(job: Job, spec, cfg: ModelConfig, tokens_meta: dict) -> dict:
+  """The cache's metadata: the logits phase's settings plus what the tokens phase made."""
   c = job.cache
   k, s = c.k, len(c.temperatures)
-  if rows is None:
-    fp, th = fingerprint(spec, load_texts(spec)[1])
-  else:
-    fp, th = rows.fingerprint, rows.tokenizer_hash
-  meta = {
+  return {
       "format": cache.FORMAT, "teacher": job.teacher, "teacher_hash": teacher_hash(job.teacher),
-      "tokenizer_hash": th, "data_fingerprint": fp,
+      "tokenizer_hash": tokens_meta["tokenizer_hash"],
+      "data_fingerprint": tokens_meta["data_fingerprint"],
       "vocab_size": cfg.vocab_size, "k": k, "temperatures": list(c.temperatures),
-      "seq_len": spec.seq_len, "rows": None if rows is None else int(rows.tokens.shape[0]),
+      "seq_len": spec.seq_len, "rows": tokens_meta["rows"],
       "rows_per_chunk": c.rows_per_chunk, "codec": c.codec,
       "dtypes": {"tokens": "int32", "segment_ids": "int32", "topk_idx": "int32",
                  "topk_logit": "bfloat16", "lse": "float32"},
       "bytes_per_token_raw": 8 + k * 6 + 4 * s, "complete": False,
   }
-  if rows is None:
-    del meta["rows"]
-  return meta
 
 
-def finished(job: Job, split: str) -> bool:
-  """True when a complete cache made with exactly this config is there (no tokenization);
-  a complete cache made differently is refused, naming the field."""
+def finished(job: Job, split: str, verify: bool = False) -> bool:
+  """True when a complete cache made with exactly this config is there. Cheap: data files are
+  re-hashed only when their size or mtime changed (all of them with `verify`). A complete
+  cache made differently is refused, naming the field."""
   path = job.cache_path(split)
   old = cache.read_metadata(path)
   if old is None or not old.get("complete"):
     return False
   spec = job.train_data if split == "train" else job.eval_data
+  tokens_meta = tokens.finished(spec, path, job.cache.rows_per_chunk, job.cache.codec, verify)
+  if tokens_meta is None:
+    return False
   cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
-  new = make_metadata(job, spec, cfg)
-  diff = cache.first_difference({k: v for k, v in old.items() if k != "rows"}, new)
+  new = make_metadata(job, spec, cfg, tokens_meta)
+  diff = cache.first_difference(old, new)
   if diff is not None:
     raise UserError(f"cache.path={path} holds a cache made with different {diff} "
                     f"({old.get(diff)!r} vs {new.get(diff)!r}); run python -m "
@@ -78,19 +79,24 @@ def finished(job: Job, split: str) -> bool:
   return True
 
 
-def check_inputs(job: Job, rows, cfg: ModelConfig):
-  if rows.vocab_size > cfg.vocab_size:
-    raise ConfigError(f"data.tokenizer={job.train_data.tokenizer}: vocab of {rows.vocab_size} "
+def check_inputs(job: Job, tokenizer_vocab: int, cfg: ModelConfig):
+  if tokenizer_vocab > cfg.vocab_size:
+    raise ConfigError(f"data.tokenizer={job.train_data.tokenizer}: vocab of {tokenizer_vocab} "
                       f"tokens exceeds the teacher's vocab_size={cfg.vocab_size}")
   if job.cache.k > cfg.vocab_size:
     raise ConfigError(f"config.cache.k={job.cache.k}: expected <= teacher vocab_size="
                       f"{cfg.vocab_size}")
-  if len(rows.tokens) == 0:
-    raise ConfigError("data: no rows after tokenization (empty dataset?)")
 
 
 def make_forward(teacher, mesh, job: Job):
   graphdef, state = nnx.split(teacher)
+  jitted = forward_program(graphdef, mesh, job)
+  return lambda tokens, segs: jitted(state, tokens, segs)
+
+
+def forward_program(graphdef, mesh, job: Job):
+  """The jitted teacher forward (state, tokens, segment ids) -> (top-k logits, ids, lse);
+  also what `moedistill.plan` compiles with abstract inputs."""
   k, temps, chunk = job.cache.k, job.cache.temperatures, job.cache.vocab_chunk
   bs3 = sharding.batch_sharding(mesh, 3)
 
@@ -106,12 +112,11 @@ def make_forward(teacher, mesh, job: Job):
     lse = lse - top / jnp.asarray(temps, jnp.float32)[None, :]
     return (v - top).reshape(b, t, k), i.reshape(b, t, k), lse.reshape(b, t, -1)
 
-  jitted = jax.jit(fwd, out_shardings=(bs3, bs3, bs3))
-  return lambda tokens, segs: jitted(state, tokens, segs)
+  return jax.jit(sharding.on_mesh(mesh, fwd), out_shardings=(bs3, bs3, bs3))
 
 
 def _prepare(path, meta, overwrite: bool) -> bool:
-  """Process 0: create or check the store. Returns True when already complete."""
+  """Process 0: create or check the logit arrays (the tokens stay). True when complete."""
   old = cache.read_metadata(path)
   if old is not None and not overwrite:
     diff = cache.first_difference(old, meta)
@@ -120,31 +125,55 @@ def _prepare(path, meta, overwrite: bool) -> bool:
                       f"({old.get(diff)!r} vs {meta.get(diff)!r}); pass --overwrite to replace it")
     if old.get("complete"):
       return True
-    cache.open_arrays(path, meta)
+    cache.open_arrays(path, meta, names=cache.LOGIT_ARRAYS)
     return False
-  if old is not None:
-    cache.kvstore(path).delete_range(ts.KvStore.KeyRange()).result()
   try:
-    cache.open_arrays(path, meta, create=True)
+    kv = cache.kvstore(path)
+    if old is not None:
+      kv.delete_range(ts.KvStore.KeyRange("metadata.json", "metadata.json\0")).result()
+      for name in cache.LOGIT_ARRAYS:
+        kv.delete_range(ts.KvStore.KeyRange(name + "/", name + "0")).result()
+    cache.open_arrays(path, meta, create=True, names=cache.LOGIT_ARRAYS)
     cache.write_metadata(path, meta)
   except (ValueError, OSError) as e:
     raise UserError(f"cache.path={path}: cannot write ({str(e).splitlines()[0][:160]})") from None
   return False
 
 
-def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None,
-                teacher=None, progress: bool = True, rows=None, checked: bool = False) -> str:
-  """`rows` (a data.Rows) replaces the configured dataset, for benchmarks; `checked`: the
-  caller already ran `finished()` (it hashes the data files, no need to do it twice)."""
+def _tokens_phase(job: Job, split: str, phase: str, overwrite: bool, verify: bool,
+                  progress: bool) -> dict:
+  """Checks the inputs, then runs (or, for phase=logits, requires) the tokens phase."""
+  spec, path, c = (job.train_data if split == "train" else job.eval_data,
+                   job.cache_path(split), job.cache)
+  tok = load_tokenizer(spec.tokenizer)
+  check_inputs(job, len(tok), ModelConfig.from_json_file(Path(job.teacher, "config.json")))
+  if phase == "logits":
+    got = tokens.finished(spec, path, c.rows_per_chunk, c.codec, verify)
+    if got is None:
+      raise UserError(f"cache {path}: the tokens phase is not complete; run python -m "
+                      "moedistill.cache_logits --phase=tokens (or all) first")
+    return got
+  return tokens.build(spec, path, tok, rows_per_chunk=c.rows_per_chunk, codec=c.codec,
+                      overwrite=overwrite, verify=verify,
+                      progress=progress and jax.process_index() == 0)
+
+
+def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None, teacher=None,
+                progress: bool = True, checked: bool = False, phase: str = "all",
+                verify: bool = False, tokens_meta: dict | None = None) -> str:
+  """Builds the split's cache: phase `tokens`, `logits` or `all`. `checked`: the caller
+  already ran `finished()`; `tokens_meta`: a token store written by `tokens.write_rows`
+  (benchmarks) stands in for the tokens phase."""
   spec = job.train_data if split == "train" else job.eval_data
   path = job.cache_path(split)
-  if rows is None:
-    if not (overwrite or checked) and finished(job, split):
+  if tokens_meta is None:
+    if phase != "tokens" and not (overwrite or checked) and finished(job, split, verify):
       return path
-    rows = build_rows(spec)
+    tokens_meta = _tokens_phase(job, split, phase, overwrite, verify, progress)
+  if phase == "tokens":
+    return path
   cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
-  check_inputs(job, rows, cfg)
-  meta = make_metadata(job, spec, cfg, rows)
+  meta = make_metadata(job, spec, cfg, tokens_meta)
   p = jax.process_index()
   done_already = _prepare(path, meta, overwrite) if p == 0 else False
   done_already = bool(multihost_utils.broadcast_one_to_all(np.asarray(done_already)))
@@ -161,7 +190,7 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None,
                                attention_block=job.model.attention_block,
                                put=sharding.sharded_put(mesh))
   fwd = make_forward(teacher, mesh, job)
-  stats = _write_pending(job, rows, arrays, fwd, mesh, path, progress and p == 0)
+  stats = _write_pending(job, meta, arrays, fwd, mesh, path, progress and p == 0)
   multihost_utils.sync_global_devices(f"cache {path} written")
   if p == 0:
     meta["complete"] = True
@@ -171,57 +200,64 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None,
   return path
 
 
-def _chunk_rows(rows, c: int, R: int):
-  n = len(rows.tokens)
-  tok = np.zeros((R, rows.tokens.shape[1]), np.int32)
+def _read_step(arrays, chunks, R: int, n: int):
+  """Async reads of the token rows of `chunks` (-1 or past the end: padding)."""
+  out = []
+  for c in chunks:
+    sl = slice(c * R, min(c * R + R, n)) if 0 <= c * R < n else None
+    out.append(None if sl is None else (arrays["tokens"][sl].read(),
+                                         arrays["segment_ids"][sl].read()))
+  return out
+
+
+def _gather(reads, R: int, L: int):
+  tok = np.zeros((len(reads) * R, L), np.int32)
   seg = np.zeros_like(tok)
-  if c >= 0:
-    lo, hi = c * R, min(c * R + R, n)
-    tok[: hi - lo], seg[: hi - lo] = rows.tokens[lo:hi], rows.segment_ids[lo:hi]
+  for j, r in enumerate(reads):
+    if r is not None:
+      t = r[0].result()
+      tok[j * R: j * R + len(t)], seg[j * R: j * R + len(t)] = t, r[1].result()
   return tok, seg
 
 
-def _write_pending(job, rows, arrays, fwd, mesh, path, show):
+def _pending_steps(job, done, mesh):
   """Steps are fixed groups of chunks (step s = chunks s*G .. s*G+G-1, G = processes x
   chunks_per_step), so every chunk is always computed in the same batch position and a resumed
   run is bit-identical to an uninterrupted one. Steps whose chunks are all done are skipped."""
-  R, per = job.cache.rows_per_chunk, job.cache.chunks_per_step
-  p, P = jax.process_index(), jax.process_count()
-  n = len(rows.tokens)
-  done = arrays["done"].read().result()
-  group = P * per
+  R, group = job.cache.rows_per_chunk, jax.process_count() * job.cache.chunks_per_step
   if (group * R) % sharding.batch_divisor(mesh):
     raise ConfigError(f"config.cache.rows_per_chunk x chunks_per_step x processes = "
                       f"{group * R} rows per step, not divisible by the mesh's "
                       f"{sharding.batch_divisor(mesh)} batch shards")
   steps = [list(range(s, s + group)) for s in range(0, len(done), group)]
-  steps = [st for st in steps if not all(done[c] for c in st if c < len(done))]
+  return [st for st in steps if not all(done[c] for c in st if c < len(done))]
+
+
+def _write_pending(job, meta, arrays, fwd, mesh, path, show):
+  """Runs the teacher over every pending step, reading the next step's token chunks while
+  this one computes; returns throughput stats."""
+  R, per, n, L = job.cache.rows_per_chunk, job.cache.chunks_per_step, meta["rows"], meta["seq_len"]
+  p = jax.process_index()
+  done = arrays["done"].read().result()
+  steps = _pending_steps(job, done, mesh)
   rows_of = lambda c: min(R, n - c * R) if c < len(done) and not done[c] else 0  # noqa: E731
   bar = tqdm(total=sum(rows_of(c) for st in steps for c in st), unit="row",
              disable=not show, desc=f"caching {path}", mininterval=1.0)
   t0, tokens_done, inflight = time.time(), 0, []
   t_first, tokens_first = None, 0  # throughput excludes the first (compiling) step
-  for step in steps:
+  nxt = _read_step(arrays, steps[0][p * per:(p + 1) * per], R, n) if steps else None
+  for k, step in enumerate(steps):
     mine = step[p * per:(p + 1) * per]
-    parts = [_chunk_rows(rows, c if c < len(done) else -1, R) for c in mine]
-    tok = np.concatenate([a for a, _ in parts])
-    seg = np.concatenate([b for _, b in parts])
+    tok, seg = _gather(nxt, R, L)
+    if k + 1 < len(steps):
+      nxt = _read_step(arrays, steps[k + 1][p * per:(p + 1) * per], R, n)
     v, i, lse = fwd(sharding.global_batch(mesh, tok), sharding.global_batch(mesh, seg))
     _finish(arrays, inflight)  # previous step's writes overlapped this step's compute
     v, i, lse = (sharding.local_rows(x) for x in (v, i, lse))
-    inflight = []
-    for j, c in enumerate(mine):
-      if not rows_of(c):
-        continue
-      m = rows_of(c)
-      sl, rs = slice(c * R, c * R + m), slice(j * R, j * R + m)
-      futs = [arrays["tokens"][sl].write(tok[rs]), arrays["segment_ids"][sl].write(seg[rs]),
-              arrays["topk_idx"][sl].write(i[rs]),
-              arrays["topk_logit"][sl].write(v[rs].astype(arrays["topk_logit"].dtype.numpy_dtype)),
-              arrays["lse"][sl].write(lse[rs])]
-      inflight.append((c, futs))
+    inflight = [(c, _write_chunk(arrays, c, j, R, rows_of(c), v, i, lse))
+                for j, c in enumerate(mine) if rows_of(c)]
     step_rows = sum(rows_of(c) for c in step)
-    tokens_done += step_rows * rows.tokens.shape[1]
+    tokens_done += step_rows * L
     if t_first is None:
       t_first, tokens_first = time.time(), tokens_done
     bar.update(step_rows)
@@ -231,6 +267,13 @@ def _write_pending(job, rows, arrays, fwd, mesh, path, show):
   dt = time.time() - (t_first or t0)
   return {"tokens_per_s_after_first_step": round((tokens_done - tokens_first) / dt)
           if dt > 0 and tokens_done > tokens_first else None}
+
+
+def _write_chunk(arrays, c, j, R, m, v, i, lse):
+  sl, rs = slice(c * R, c * R + m), slice(j * R, j * R + m)
+  return [arrays["topk_idx"][sl].write(i[rs]),
+          arrays["topk_logit"][sl].write(v[rs].astype(arrays["topk_logit"].dtype.numpy_dtype)),
+          arrays["lse"][sl].write(lse[rs])]
 
 
 def _finish(arrays, inflight):
@@ -246,11 +289,17 @@ def main(argv):
   job, flags = load_job(argv)
   splits = ("train", "eval") if flags.split == "both" else (flags.split,)
   for split in splits:
-    path = build_cache(job, split, overwrite=flags.overwrite)
+    path = build_cache(job, split, overwrite=flags.overwrite, phase=flags.phase,
+                       verify=flags.verify)
+    if flags.phase == "tokens":
+      meta = cache.read_metadata(path, tokens.META)
+      print(f"tokens {split}: {path} ({meta['rows']} rows x {meta['seq_len']} tokens; "
+            f"{meta['stats']})")
+      continue
     meta = cache.read_metadata(path)
     print(f"cache {split}: {path} ({meta['rows']} rows x {meta['seq_len']} tokens, k={meta['k']})")
 
 
 if __name__ == "__main__":
   from moedistill.cli import run
-  run(main, extra_flags=("overwrite", "split"))
+  run(main, extra_flags=("overwrite", "split", "phase", "verify"))

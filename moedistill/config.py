@@ -58,7 +58,10 @@ def _attention(m):
 
 
 def join(base: str, *parts: str) -> str:
-  """Join a local path or a kvstore URL (gs://..., memory://...)."""
+  """Join a local path, a kvstore URL (gs://..., memory://...) or a kvstore JSON spec."""
+  if base.lstrip().startswith("{"):
+    from moedistill import cache
+    return cache.join(base, *parts)
   if "://" in base:
     return "/".join([base.rstrip("/"), *parts])
   return str(Path(base, *parts))
@@ -73,6 +76,8 @@ class CacheConfig:
   chunks_per_step: int
   vocab_chunk: int
   codec: str
+  shuffle_chunks: int = 8  # training reads: chunks whose rows are shuffled together
+  prefetch: int = 4        # training reads: batches read ahead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +155,8 @@ def _data(c, split_cfg, tokenizer, field) -> DataSpec:
          f"{list(src)!r}: expected file paths/globs or one hub dataset name")
   return DataSpec(source=src, tokenizer=tokenizer, seq_len=c.data.seq_len,
                   text_field=c.data.text_field, hub_config=split_cfg.hub_config or None,
-                  split=split_cfg.split, max_rows=split_cfg.max_rows)
+                  split=split_cfg.split, max_rows=split_cfg.max_rows,
+                  block_bytes=c.data.get("block_bytes", 64 * 2**20))
 
 
 def _cache(c) -> CacheConfig:
@@ -165,7 +171,9 @@ def _cache(c) -> CacheConfig:
   _check(cc.codec in ("zstd", "none"), f"config.cache.codec={cc.codec!r}: expected zstd or none")
   return CacheConfig(path=cc.path or join(c.workdir, "cache"), k=cc.k, temperatures=temps,
                      rows_per_chunk=cc.rows_per_chunk, chunks_per_step=cc.chunks_per_step,
-                     vocab_chunk=cc.vocab_chunk, codec=cc.codec)
+                     vocab_chunk=cc.vocab_chunk, codec=cc.codec,
+                     shuffle_chunks=_positive(cc.get("shuffle_chunks", 8), "cache.shuffle_chunks"),
+                     prefetch=_positive(cc.get("prefetch", 4), "cache.prefetch"))
 
 
 def _number(x) -> bool:

@@ -1,10 +1,13 @@
-"""Datasets -> packed token rows, deterministic and fingerprinted.
+"""Text sources -> documents, in fixed pieces; file fingerprints that survive restarts cheaply.
 
-Documents (a `datasets` hub name, or local json/jsonl/parquet/txt files) are tokenized without
-special tokens, each followed by EOS, concatenated and cut into rows of `seq_len`. Segment ids
-(1, 2, ... per row; 0 = padding in the last row) keep packed documents apart in attention, so
-teacher and student see identical rows. Position t is trained to predict token t+1 only
-inside one segment (`train_step.labels_and_mask`).
+A source (local json/jsonl/parquet/txt files or globs, or one hub dataset name) is cut into
+*pieces* that depend on the data alone, never on the process count: a jsonl/txt file into
+byte blocks of `block_bytes` (a line belongs to the block where it starts, so a process seeks
+straight to its blocks), a parquet file into its row groups, a JSON-array file into one piece,
+a hub dataset (streamed) into its file shards. `tokens.py` packs each piece on its own.
+
+Fingerprint: each file's sha256 is recorded with its size and mtime; a later start re-hashes
+only files whose (size, mtime) changed, or all of them with `verify`.
 """
 from __future__ import annotations
 
@@ -15,12 +18,10 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 from moedistill.errors import ConfigError
 
-PACKING_VERSION = "concat-eos-v1"
-EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+PACKING_VERSION = "piece-eos-v2"  # v2: documents packed per piece (last row padded)
+EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "text"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,28 +33,30 @@ class DataSpec:
   hub_config: str | None = None
   split: str = "train"
   max_rows: int = 0         # 0: all rows
+  block_bytes: int = 64 * 2**20  # jsonl/txt piece size
 
   def __post_init__(self):
     if self.seq_len < 2:
       raise ConfigError(f"data.seq_len={self.seq_len}: expected >= 2")
+    if self.block_bytes < 1:
+      raise ConfigError(f"data.block_bytes={self.block_bytes}: expected >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
-class Rows:
-  tokens: np.ndarray        # [n, seq_len] int32
-  segment_ids: np.ndarray   # [n, seq_len] int32
-  fingerprint: str
-  tokenizer_hash: str
-  vocab_size: int           # the tokenizer's
+class Piece:
+  kind: str                 # jsonl | text | json | parquet | hub
+  where: str                # file path (or hub name)
+  part: int                 # byte block, row group or hub shard index
 
 
-def _local_files(source) -> list[str] | None:
+def local_files(source) -> list[str] | None:
+  """The files a source names, or None when it is a hub dataset name ("org/dataset")."""
   files = []
   for s in source:
     hits = sorted(glob.glob(s))
     if not hits:
       if len(source) == 1 and not os.path.splitext(s)[1] and "/" in s and not os.path.exists(s):
-        return None  # looks like a hub name ("org/dataset")
+        return None
       raise ConfigError(f"data.source: {s} matches no file")
     files += hits
   for f in files:
@@ -63,7 +66,131 @@ def _local_files(source) -> list[str] | None:
   return files
 
 
-def _sha(*parts) -> str:
+def _hub(spec: DataSpec, shard: int | None = None):
+  import datasets
+  datasets.disable_progress_bars()
+  datasets.logging.set_verbosity_error()
+  ds = datasets.load_dataset(spec.source[0], spec.hub_config, split=spec.split, streaming=True)
+  return ds if shard is None else ds.shard(num_shards=ds.num_shards, index=shard)
+
+
+def pieces(spec: DataSpec) -> tuple[list[Piece], int]:
+  """(the source's pieces in stream order, the number of empty files skipped)."""
+  files = local_files(spec.source)
+  if files is None:
+    return [Piece("hub", spec.source[0], i) for i in range(_hub(spec).num_shards)], 0
+  out, empty = [], 0
+  for f in files:
+    kind, size = EXTENSIONS[os.path.splitext(f)[1]], os.path.getsize(f)
+    if size == 0:
+      empty += 1  # counted in the metadata (`empty_files`), never silently
+    elif kind in ("jsonl", "text"):
+      out += [Piece(kind, f, b) for b in range(-(-size // spec.block_bytes))]
+    elif kind == "parquet":
+      import pyarrow.parquet as pq
+      out += [Piece(kind, f, g) for g in range(pq.ParquetFile(f).num_row_groups)]
+    elif _is_json_array(f):
+      out.append(Piece(kind, f, 0))
+    else:  # a .json file of JSON lines
+      out += [Piece("jsonl", f, b) for b in range(-(-size // spec.block_bytes))]
+  return out, empty
+
+
+def _is_json_array(path: str) -> bool:
+  with open(path, "rb") as fh:
+    return fh.read(4096).lstrip().startswith(b"[")
+
+
+def _line_number(path: str, offset: int) -> int:
+  """1-based line at a byte offset (only on the error path: it reads the file up to there)."""
+  with open(path, "rb") as fh:
+    return fh.read(offset).count(b"\n") + 1
+
+
+def _block_lines(path: str, block: int, size: int):
+  """(byte offset, raw line) of the lines that start in byte block `block`."""
+  lo, hi = block * size, (block + 1) * size
+  with open(path, "rb") as fh:
+    if lo:
+      fh.seek(lo - 1)
+      fh.readline()  # finishes the line that started before this block
+    pos = fh.tell()
+    while pos < hi:
+      line = fh.readline()
+      if not line:
+        return
+      yield pos, line
+      pos += len(line)
+
+
+def _record_text(record, field: str, where) -> str:
+  if not isinstance(record, dict) or field not in record:
+    keys = f"; keys are {sorted(record)}" if isinstance(record, dict) else ""
+    raise ConfigError(f"data.text_field={field!r} not in {where()}{keys}")
+  text = record[field]
+  if text is not None and not isinstance(text, str):
+    raise ConfigError(f"data.text_field={field!r} in {where()} is a {type(text).__name__}, "
+                      "expected a string")
+  return text or ""
+
+
+def _line_docs(piece: Piece, spec: DataSpec):
+  for pos, raw in _block_lines(piece.where, piece.part, spec.block_bytes):
+    where = lambda: f"{piece.where} line {_line_number(piece.where, pos)}"  # noqa: E731
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ConfigError(f"data.source: {where()} is not valid UTF-8 (byte {e.start} of the "
+                        "line)") from None
+    if piece.kind == "text":
+      yield line.rstrip("\r\n")
+    elif line.strip():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"data.source: {where()} is not valid JSON ({e.msg})") from None
+      yield _record_text(record, spec.text_field, where)
+
+
+def docs(piece: Piece, spec: DataSpec):
+  """The piece's documents in order ("" for empty ones: the packer counts and skips them)."""
+  if piece.kind == "text" and spec.text_field != "text":
+    raise ConfigError(f"data.text_field={spec.text_field!r}: .txt files only have 'text'")
+  if piece.kind in ("jsonl", "text"):
+    yield from _line_docs(piece, spec)
+  elif piece.kind == "parquet":
+    import pyarrow.parquet as pq
+    pf = pq.ParquetFile(piece.where)
+    if spec.text_field not in pf.schema_arrow.names:
+      raise ConfigError(f"data.text_field={spec.text_field!r} not in {piece.where}; columns "
+                        f"are {pf.schema_arrow.names}")
+    for t in pf.read_row_group(piece.part, columns=[spec.text_field]).column(0).to_pylist():
+      yield t or ""
+  elif piece.kind == "json":
+    yield from _json_array_docs(piece.where, spec.text_field)
+  else:
+    for i, r in enumerate(_hub(spec, piece.part)):
+      yield _record_text(r, spec.text_field, lambda: f"record {i} of {spec.source[0]} shard "
+                         f"{piece.part}")
+
+
+def _json_array_docs(path: str, field: str):
+  """A .json file holds one array of records (read whole: use jsonl for large data)."""
+  try:
+    records = json.loads(Path(path).read_bytes().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"data.source: {path} is not valid UTF-8 (byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"data.source: {path} is not valid JSON ({e.msg}, line {e.lineno})"
+                      ) from None
+  if not isinstance(records, list):
+    raise ConfigError(f"data.source: {path} holds a JSON {type(records).__name__}, expected "
+                      "an array of records (or use .jsonl)")
+  for i, r in enumerate(records):
+    yield _record_text(r, field, lambda: f"record {i} of {path}")
+
+
+def sha(*parts) -> str:
   h = hashlib.sha256()
   for p in parts:
     h.update(p if isinstance(p, bytes) else str(p).encode())
@@ -71,62 +198,42 @@ def _sha(*parts) -> str:
   return h.hexdigest()[:16]
 
 
-def _read_local(files: list[str], kind: str, field: str) -> list[str]:
-  """Local files read directly (no datasets cache written under ~/.cache)."""
+def file_sha(path: str) -> str:
+  with open(path, "rb") as fh:
+    return hashlib.file_digest(fh, "sha256").hexdigest()[:16]
+
+
+def file_records(spec: DataSpec, old: list[dict] | None = None, verify: bool = False):
+  """[{path, size, mtime_ns, sha}] of the source's files, re-hashing only those whose size or
+  mtime differ from `old` (all with `verify`); None for a hub dataset."""
+  files = local_files(spec.source)
+  if files is None:
+    return None
+  known = {r["path"]: r for r in old or []}
   out = []
   for f in files:
-    if kind == "text":
-      if field != "text":
-        raise ConfigError(f"data.text_field={field!r}: .txt files only have 'text'")
-      out += Path(f).read_text().splitlines()
-      continue
-    if kind == "parquet":
-      import pyarrow.parquet as pq
-      table = pq.read_table(f)
-      if field not in table.column_names:
-        raise ConfigError(f"data.text_field={field!r} not in {f}; columns are "
-                          f"{table.column_names}")
-      out += table.column(field).to_pylist()
-      continue
-    text = Path(f).read_text()
-    try:
-      records = (json.loads(text) if f.endswith(".json") and text.lstrip().startswith("[")
-                 else [json.loads(line) for line in text.splitlines() if line.strip()])
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"data.source: {f} is not valid JSON/JSONL ({e.msg}, line "
-                        f"{e.lineno})") from None
-    for i, r in enumerate(records):
-      if not isinstance(r, dict) or field not in r:
-        raise ConfigError(f"data.text_field={field!r} not in record {i} of {f}"
-                          + (f"; keys are {sorted(r)}" if isinstance(r, dict) else ""))
-      out.append(r[field])
+    st = os.stat(f)
+    r = known.get(os.path.abspath(f))
+    if verify or r is None or (r["size"], r["mtime_ns"]) != (st.st_size, st.st_mtime_ns):
+      r = {"path": os.path.abspath(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+           "sha": file_sha(f)}
+    out.append(r)
   return out
-
-
-def load_texts(spec: DataSpec) -> tuple[list[str], str]:
-  """Returns (documents, source fingerprint)."""
-  files = _local_files(spec.source)
-  if files is None:
-    import datasets
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    ds = datasets.load_dataset(spec.source[0], spec.hub_config, split=spec.split)
-    if spec.text_field not in ds.column_names:
-      raise ConfigError(f"data.text_field={spec.text_field!r} not in the dataset; columns are "
-                        f"{ds.column_names}")
-    return [t for t in ds[spec.text_field] if t], _sha("hub", spec.source[0], spec.hub_config,
-                                                        spec.split, ds._fingerprint)
-  kind = EXTENSIONS[os.path.splitext(files[0])[1]]
-  if any(EXTENSIONS[os.path.splitext(f)[1]] != kind for f in files):
-    raise ConfigError(f"data.source: mixes file types {files}; expected one type")
-  fp = _sha("files", *[_sha(Path(f).read_bytes()) for f in files])  # content, not location
-  return [t for t in _read_local(files, kind, spec.text_field) if t], fp
 
 
 def tokenizer_hash(path) -> str:
   files = sorted(p for p in Path(path).iterdir()
                  if p.is_file() and ("token" in p.name or p.name in ("vocab.json", "merges.txt")))
-  return _sha(*[_sha(p.name, p.read_bytes()) for p in files])
+  return sha(*[sha(p.name, p.read_bytes()) for p in files])
+
+
+def fingerprint(spec: DataSpec, records: list[dict] | None) -> str:
+  """What the packed rows are a pure function of: file contents (not their location),
+  tokenizer, field, row length, row limit, piece size and packing rule."""
+  src = (sha("hub", spec.source[0], spec.hub_config, spec.split) if records is None
+         else sha("files", *[r["sha"] for r in records]))
+  return sha(src, tokenizer_hash(spec.tokenizer), spec.text_field, spec.seq_len, spec.max_rows,
+             spec.block_bytes, PACKING_VERSION)
 
 
 def load_tokenizer(path):
@@ -140,41 +247,7 @@ def load_tokenizer(path):
     raise ConfigError(f"data.tokenizer={path}: {str(e).splitlines()[0]}") from None
   if tok.eos_token_id is None:
     raise ConfigError(f"data.tokenizer={path}: tokenizer has no eos_token, needed for packing")
+  if not getattr(tok, "is_fast", False):
+    raise ConfigError(f"data.tokenizer={path}: not a fast (Rust) tokenizer; expected a "
+                      "directory with tokenizer.json")
   return tok
-
-
-def pack(docs: list[list[int]], seq_len: int, eos: int, pad: int):
-  """Concatenate docs (each + EOS) and cut into rows; the last row is padded, segment 0."""
-  flat, seg_flat = [], []
-  for i, d in enumerate(docs):
-    flat += list(d) + [eos]
-    seg_flat += [i + 1] * (len(d) + 1)
-  n = -(-len(flat) // seq_len)
-  tokens = np.full(n * seq_len, pad, np.int32)
-  segs = np.zeros(n * seq_len, np.int32)
-  tokens[: len(flat)], segs[: len(flat)] = flat, seg_flat
-  tokens, segs = tokens.reshape(n, seq_len), segs.reshape(n, seq_len)
-  # Renumber per row (1, 2, ...) so ids stay small and a row alone is self-describing.
-  for r in range(n):
-    nz = segs[r] > 0
-    _, segs[r, nz] = np.unique(segs[r, nz], return_inverse=True)
-    segs[r, nz] += 1
-  return tokens, segs
-
-
-def fingerprint(spec: DataSpec, source_fp: str) -> tuple[str, str]:
-  """(data fingerprint, tokenizer hash): what the packed rows are a pure function of."""
-  th = tokenizer_hash(spec.tokenizer)
-  return _sha(source_fp, th, spec.text_field, spec.seq_len, spec.max_rows, PACKING_VERSION), th
-
-
-def build_rows(spec: DataSpec) -> Rows:
-  texts, source_fp = load_texts(spec)
-  tok = load_tokenizer(spec.tokenizer)
-  ids = tok(texts, add_special_tokens=False)["input_ids"]
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  tokens, segs = pack(ids, spec.seq_len, tok.eos_token_id, pad)
-  if spec.max_rows:
-    tokens, segs = tokens[: spec.max_rows], segs[: spec.max_rows]
-  fp, th = fingerprint(spec, source_fp)
-  return Rows(tokens, segs, fp, th, len(tok))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from moedistill import optim, param_tree as P, sharding
 from moedistill.cache import CacheReader
+from moedistill.loader import Loader
 from moedistill.checkpoint import Checkpoints, abstract_like, restore_params
 from moedistill.config import Job, Stage
 from moedistill.errors import UserError
@@ -71,6 +72,7 @@ class Trainer:
     self.offsets = np.concatenate([[0], np.cumsum(self.steps)]).astype(int).tolist()
     self.sigterm = False
     self.pool = concurrent.futures.ThreadPoolExecutor(1)
+    self.loader = None  # loader.Loader: chunk-order reads, async, several steps ahead
     self.logger = None  # opened after restore: a refused checkpoint leaves the workdir as is
 
   # --- optimizer / state per stage -------------------------------------------------------
@@ -127,8 +129,11 @@ class Trainer:
   # --- the loop ---------------------------------------------------------------------------
   def _batch(self, g: int):
     tc = self.job.train
-    return self.reader.batch(g, tc.batch_size, self.job.seed, jax.process_index(),
-                             jax.process_count())
+    if self.loader is None:  # made on first use: reads start in the prefetch thread
+      self.loader = Loader(self.reader, tc.batch_size, self.job.seed, jax.process_index(),
+                           jax.process_count(), self.job.cache.shuffle_chunks,
+                           self.job.cache.prefetch)
+    return self.loader.batch(g)
 
   def _step_config(self, stage: Stage) -> StepConfig:
     tc = self.job.train

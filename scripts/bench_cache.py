@@ -20,10 +20,9 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configs.two_stage import get_config  # noqa: E402
-from moedistill import hf  # noqa: E402
+from moedistill import hf, tokens  # noqa: E402
 from moedistill.cache_logits import build_cache  # noqa: E402
 from moedistill.config import job_from_config  # noqa: E402
-from moedistill.data import Rows  # noqa: E402
 from moedistill.model.config import ModelConfig  # noqa: E402
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
 
@@ -48,21 +47,25 @@ def run_case(name, rows_n, seq_len, tmp: Path):
   teacher_dir = tmp / f"{name}_teacher"
   hf.save_model(Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0)), teacher_dir)
   r = np.random.default_rng(0)
-  rows = Rows(r.integers(0, cfg.vocab_size, (rows_n, seq_len)).astype(np.int32),
-              np.ones((rows_n, seq_len), np.int32), f"bench-{name}", "none", cfg.vocab_size)
   c = get_config()
   c.teacher, c.workdir = str(teacher_dir), str(tmp / name)
   c.data.seq_len, c.cache.k = seq_len, k
   c.cache.rows_per_chunk, c.cache.chunks_per_step = 8, 2
+  job = job_from_config(c)
+  tmeta = tokens.write_rows(job.cache_path("train"),
+                            r.integers(0, cfg.vocab_size, (rows_n, seq_len)).astype(np.int32),
+                            np.ones((rows_n, seq_len), np.int32), rows_per_chunk=8,
+                            codec=job.cache.codec, fingerprint=f"bench-{name}",
+                            tokenizer_hash="none")
   t0 = time.time()
-  path = build_cache(job_from_config(c), "train", rows=rows, progress=False)
+  path = build_cache(job, "train", tokens_meta=tmeta, progress=False)
   dt = time.time() - t0
-  tokens = rows_n * seq_len
+  n_tokens = rows_n * seq_len
   meta = json.loads((Path(path) / "metadata.json").read_text())
   return dict(case=name, vocab=cfg.vocab_size, k=k, rows=rows_n, seq_len=seq_len,
               tokens_per_s=meta["stats"]["tokens_per_s_after_first_step"],
               seconds_total_with_compile=round(dt, 2),
-              bytes_per_token=round(dir_bytes(path) / tokens, 1),
+              bytes_per_token=round(dir_bytes(path) / n_tokens, 1),
               bytes_per_token_raw=meta["bytes_per_token_raw"])
 
 

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from moedistill import corpus, hf, param_tree as P
-from moedistill.data import pack
+from moedistill.tokens import pack
 from moedistill.model.config import ModelConfig
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.train_step import labels_and_mask

@@ -13,6 +13,7 @@ from moedistill import cache
 from moedistill.cache_logits import build_cache
 from moedistill.config import job_from_config
 from moedistill.errors import UserError
+from moedistill.loader import Loader, Order
 
 NAMES = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse", "done")
 
@@ -62,16 +63,17 @@ def test_reader_batches_and_to_dense(tmp_path, teacher_dir):
   job = job_from_config(job_config(tmp_path, path))
   reader = cache.CacheReader(build_cache(job, "train", progress=False))
   n = reader.rows
-  b1, b2 = reader.batch(3, 8, seed=5), reader.batch(3, 8, seed=5)
+  b1, b2 = Loader(reader, 8, seed=5).batch(3), Loader(reader, 8, seed=5).batch(3)
   for k in b1:
     np.testing.assert_array_equal(b1[k], b2[k])
   # Per-process slices tile the global batch; an epoch covers every row once.
-  halves = [reader.batch(3, 8, 5, p, 2)["tokens"] for p in range(2)]
+  halves = [Loader(reader, 8, 5, p, 2).batch(3)["tokens"] for p in range(2)]
   np.testing.assert_array_equal(np.concatenate(halves), b1["tokens"])
+  order = Order(n, reader.meta["rows_per_chunk"], 8, seed=0)
   steps = n // 5
-  seen = np.concatenate([reader.global_indices(s, 5, 0) for s in range(steps)])
+  seen = np.concatenate([order.global_indices(s * 5, 5) for s in range(steps)])
   assert len(set(seen.tolist())) == len(seen) == steps * 5
-  assert not np.array_equal(reader.global_indices(0, n, 0), reader.global_indices(1, n, 0))
+  assert not np.array_equal(order.global_indices(0, n), order.global_indices(n, n))
   dense = cache.to_dense(b1["topk_idx"][0], b1["topk_logit"][0], b1["lse"][0, :, 0], 64, 1.0)
   np.testing.assert_allclose(dense.sum(-1), 1.0, atol=1e-6)
   reader.validate(vocab_size=64, seq_len=16, temperature=2.0)

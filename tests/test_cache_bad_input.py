@@ -16,6 +16,10 @@ def _case(tmp_path, teacher, name):
     return {"data.eval.source": [str(tmp_path / "nope.jsonl")]}, "nope.jsonl matches no file"
   if name == "text_field_absent":
     return {"data.text_field": "body"}, "data.text_field='body'"
+  if name == "non_utf8_line":
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    return ({"data.eval.source": [str(tmp_path / "latin1.jsonl")]},
+            "latin1.jsonl line 1 is not valid UTF-8")
   if name == "tokenizer_vocab_too_large":
     make_tokenizer(tmp_path / "bigtok", vocab_size=90)
     return {"data.tokenizer": str(tmp_path / "bigtok")}, "exceeds the teacher's vocab_size=64"
@@ -31,7 +35,8 @@ def _case(tmp_path, teacher, name):
   raise KeyError(name)
 
 
-CASES = ["missing_data_file", "text_field_absent", "tokenizer_vocab_too_large", "k_above_vocab",
+CASES = ["missing_data_file", "text_field_absent", "non_utf8_line", "tokenizer_vocab_too_large",
+         "k_above_vocab",
          "temperature_not_positive", "unwritable_path", "mismatched_cache"]
 
 

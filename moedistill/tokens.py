@@ -1,0 +1,375 @@
+"""The tokens phase: documents -> packed rows in a cache's `tokens` / `segment_ids` arrays.
+
+Two steps, both resumable and split between processes:
+1. Pieces (`data.pieces`: fixed by the data alone) go round-robin, piece g to process g % P.
+   Each is streamed, tokenized in batches (the Rust tokenizer's `encode_batch_fast`, on all
+   cores, while a thread parses the next batch), packed on its own (documents + EOS, the last
+   row padded) and staged as `staging/<g>/<part>`; `staging/<g>.json` (its row count),
+   written last, marks it done.
+2. After a barrier every piece's row offset is a prefix sum; each process assembles a
+   contiguous range of the final row chunks from the staged parts (`tokens_done` marks them),
+   then the staging area is deleted.
+So the rows are the same for any process count, a killed run redoes at most one piece per
+process plus unmarked chunks, and memory is one text batch and one staged part whatever the
+dataset's size. With `max_rows` a process stops once the pieces before its next one cover it.
+
+Odd documents follow rules and are counted in tokens.json `stats` (never dropped silently):
+documents with no tokens are skipped (`empty_docs`), empty files too (`empty_files`); a
+document longer than a row continues over the next rows, positions restarting in each
+(`long_docs`). A record without the text field or a line that is not UTF-8/JSON stops the
+build with one line naming the file and line.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+
+import numpy as np
+import tensorstore as ts
+from tqdm import tqdm
+
+from moedistill import cache, data
+from moedistill.data import DataSpec
+from moedistill.errors import ConfigError, UserError
+
+FORMAT = "moedistill-tokens-v1"
+META = "tokens.json"
+STAGING = "staging/"
+BATCH_CHARS = 4 * 2**20   # text per encode_batch call
+PART_TOKENS = 2**21       # tokens per staged part (16 MiB with its segment ids)
+IGNORED = ("complete", "stats", "rows", "files", "pieces")  # not settings: outcomes or stats
+
+
+def _barrier(name: str):
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices(name)
+
+
+def encode(backend, texts: list[str]) -> list[list[int]]:
+  return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+class Packer:
+  """Documents -> rows of `seq_len` (each document + EOS, back to back); segment ids number
+  the documents of a row 1, 2, ... (0 = padding), so a row alone is self-describing."""
+
+  def __init__(self, seq_len: int, eos: int, pad: int):
+    self.L, self.eos, self.pad = seq_len, eos, pad
+    self.tok, self.doc, self.n_docs = np.zeros(0, np.int32), np.zeros(0, np.int64), 0
+    self.stats = {"docs": 0, "empty_docs": 0, "long_docs": 0, "tokens": 0}
+
+  def add(self, ids: list[list[int]]):
+    lens = np.fromiter(map(len, ids), np.int64, len(ids))
+    self.stats["empty_docs"] += int((lens == 0).sum())
+    ids, lens = [x for x in ids if x], lens[lens > 0]
+    self.stats["docs"] += len(ids)
+    self.stats["long_docs"] += int((lens + 1 > self.L).sum())
+    ends = np.cumsum(lens + 1)
+    flat = np.full(int(ends[-1]) if len(ends) else 0, self.eos, np.int32)
+    body = np.ones(len(flat), bool)
+    body[ends - 1] = False
+    flat[body] = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lens.sum()))
+    doc = np.repeat(np.arange(self.n_docs, self.n_docs + len(ids)), lens + 1)
+    self.n_docs += len(ids)
+    self.stats["tokens"] += len(flat)
+    self.tok, self.doc = np.concatenate([self.tok, flat]), np.concatenate([self.doc, doc])
+    m = len(self.tok) // self.L
+    tok, doc = self.tok[:m * self.L].reshape(m, self.L), self.doc[:m * self.L].reshape(m, self.L)
+    self.tok, self.doc = self.tok[m * self.L:], self.doc[m * self.L:]
+    return tok, (doc - doc[:, :1] + 1).astype(np.int32)
+
+  def finish(self):
+    n = len(self.tok)
+    tok, seg = np.full((1, self.L), self.pad, np.int32), np.zeros((1, self.L), np.int32)
+    tok[0, :n], seg[0, :n] = self.tok, self.doc - (self.doc[0] if n else 0) + 1
+    return (tok, seg) if n else (tok[:0], seg[:0])
+
+
+def pack(ids: list[list[int]], seq_len: int, eos: int, pad: int):
+  """All documents packed at once: (tokens [n, seq_len], segment ids [n, seq_len])."""
+  packer = Packer(seq_len, eos, pad)
+  (t, s), (t2, s2) = packer.add(ids), packer.finish()
+  return np.concatenate([t, t2]), np.concatenate([s, s2])
+
+
+def in_thread(gen, depth: int = 2):
+  """Runs generator `gen` in a thread `depth` items ahead (exceptions re-raised here)."""
+  q, end = queue.Queue(depth), object()
+
+  def work():
+    try:
+      for x in gen:
+        q.put(x)
+      q.put(end)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+      q.put(e)
+  threading.Thread(target=work, daemon=True).start()
+  while (x := q.get()) is not end:
+    if isinstance(x, BaseException):
+      raise x
+    yield x
+
+
+def text_batches(piece, spec: DataSpec):
+  batch, chars = [], 0
+  for t in data.docs(piece, spec):
+    batch.append(t)
+    chars += len(t)
+    if chars >= BATCH_CHARS:
+      yield batch
+      batch, chars = [], 0
+  if batch:
+    yield batch
+
+
+def _part_spec(path, g: int, j: int, shape):
+  return {"driver": "zarr3", "kvstore": cache.kvstore_spec(path, f"{STAGING}{g:08d}/{j:05d}/"),
+          "metadata": {"shape": list(shape), "data_type": "int32",
+                       "chunk_grid": {"name": "regular", "configuration": {
+                           "chunk_shape": list(shape)}},
+                       "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                  {"name": "zstd", "configuration": {"level": 1}}]}}
+
+
+def _stage_part(path, g, j, blocks):
+  rows = np.stack([np.concatenate([t for t, _ in blocks]),
+                   np.concatenate([s for _, s in blocks])], axis=1)  # [m, 2, L]
+  arr = ts.open(_part_spec(path, g, j, rows.shape), create=True, delete_existing=True,
+                context=cache.CONTEXT).result()
+  return arr.write(rows), len(rows)
+
+
+def stage_piece(path: str, g: int, piece, spec: DataSpec, tok) -> dict:
+  """Tokenizes, packs and stages piece g; returns its record (rows, parts, stats)."""
+  packer = Packer(spec.seq_len, tok.eos_token_id,
+                  tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+  parts, blocks, pending = [], [], None
+  backend = tok.backend_tokenizer
+  for texts in in_thread(text_batches(piece, spec)):
+    blocks.append(packer.add(encode(backend, texts)))
+    if sum(len(t) for t, _ in blocks) * spec.seq_len >= PART_TOKENS:
+      pending and pending.result()  # one part in flight: memory stays bounded
+      pending, m = _stage_part(path, g, len(parts), blocks)
+      parts.append(m)
+      blocks = []
+  blocks.append(packer.finish())
+  pending and pending.result()
+  if sum(len(t) for t, _ in blocks):
+    pending, m = _stage_part(path, g, len(parts), blocks)
+    parts.append(m)
+    pending.result()
+  record = {"rows": sum(parts), "parts": parts, "stats": packer.stats}
+  cache.write_metadata(path, record, f"{STAGING}{g:08d}.json")
+  return record
+
+
+def _record(path, g):
+  return cache.read_metadata(path, f"{STAGING}{g:08d}.json")
+
+
+def _covered(path, g: int, known: dict, max_rows: int) -> bool:
+  """True when pieces 0..g-1 are all staged and hold at least max_rows rows."""
+  total = 0
+  for i in range(g):
+    if i not in known:
+      r = _record(path, i)
+      if r is None:
+        return False
+      known[i] = r["rows"]
+    total += known[i]
+    if total >= max_rows:
+      return True
+  return False
+
+
+def stage_mine(path, spec: DataSpec, plist, tok, p: int, P: int, progress: bool):
+  """Process p's pieces, skipping those already staged; stops early for max_rows."""
+  known = {}
+  mine = range(p, len(plist), P)
+  for g in tqdm(mine, unit="piece", desc=f"tokenizing {path}", disable=not progress,
+                mininterval=1.0):
+    if spec.max_rows and _covered(path, g, known, spec.max_rows):
+      return
+    if _record(path, g) is None:
+      known[g] = stage_piece(path, g, plist[g], spec, tok)["rows"]
+
+
+def piece_table(path, n_pieces: int, max_rows: int):
+  """(rows per piece, stats summed) over the prefix of pieces the rows come from."""
+  counts, stats = [], {}
+  for g in range(n_pieces):
+    if max_rows and sum(counts) >= max_rows:
+      break
+    r = _record(path, g)
+    if r is None:
+      raise UserError(f"cache {path}: piece {g} of the tokens phase is missing after all "
+                      "processes finished (was the cache written by another run?)")
+    counts.append(r["rows"])
+    for k, v in r["stats"].items():
+      stats[k] = stats.get(k, 0) + v
+  return counts, stats
+
+
+class _Parts:
+  """Reads staged rows by global row range, keeping the last decoded part."""
+
+  def __init__(self, path, counts, parts):
+    self.path, self.parts, self.last = path, parts, (None, None)
+    self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+  def _part(self, g, j):
+    if self.last[0] != (g, j):
+      arr = ts.open({"driver": "zarr3", "kvstore": cache.kvstore_spec(
+          self.path, f"{STAGING}{g:08d}/{j:05d}/")}, context=cache.CONTEXT).result()
+      self.last = ((g, j), arr.read().result())
+    return self.last[1]
+
+  def rows(self, lo: int, hi: int) -> np.ndarray:
+    out = []
+    while lo < hi:
+      g = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+      local, starts = lo - self.offsets[g], np.cumsum([0, *self.parts[g]])
+      j = int(np.searchsorted(starts, local, side="right")) - 1
+      take = min(hi - lo, starts[j + 1] - local)
+      out.append(self._part(g, j)[local - starts[j]: local - starts[j] + take])
+      lo += take
+    return np.concatenate(out)
+
+
+def assemble_mine(path, meta: dict, counts, p: int, P: int, batch: int = 64):
+  """Writes process p's contiguous range of final row chunks from the staged parts, `batch`
+  chunks at a time (a chunk's done mark is one small write: marking them together is faster)."""
+  R, n = meta["rows_per_chunk"], meta["rows"]
+  arrays = cache.open_arrays(path, meta, layout=cache.token_layout(n, meta["seq_len"], R))
+  done = arrays["tokens_done"].read().result()
+  parts = [_record(path, g)["parts"] for g in range(len(counts))]
+  staged = _Parts(path, counts, parts)
+  todo = [c for c in range(p * len(done) // P, (p + 1) * len(done) // P) if not done[c]]
+  for k in range(0, len(todo), batch):
+    futs = []
+    for c in todo[k:k + batch]:
+      rows = staged.rows(c * R, min(c * R + R, n))
+      sl = slice(c * R, c * R + len(rows))
+      futs += [arrays["tokens"][sl].write(rows[:, 0]),
+               arrays["segment_ids"][sl].write(rows[:, 1])]
+    for f in futs:  # a chunk is marked done only after its rows are durably written
+      f.result()
+    marks = [arrays["tokens_done"][c].write(np.uint8(1)) for c in todo[k:k + batch]]
+    for f in marks:
+      f.result()
+
+
+def settings(spec: DataSpec, rows_per_chunk: int, codec: str, old_files=None,
+             verify: bool = False) -> dict:
+  """The tokens metadata the config asks for; file hashes reuse `old_files` where a file's
+  size and mtime are unchanged (all re-hashed with `verify`)."""
+  files = data.file_records(spec, old_files, verify)
+  return {"format": FORMAT, "data_fingerprint": data.fingerprint(spec, files),
+          "tokenizer_hash": data.tokenizer_hash(spec.tokenizer), "seq_len": spec.seq_len,
+          "rows_per_chunk": rows_per_chunk, "codec": codec, "files": files, "complete": False}
+
+
+def check_existing(path: str, new: dict, overwrite: bool) -> dict | None:
+  """The tokens metadata already at `path` when it matches `new`; refuses a mismatch unless
+  `overwrite`; None when there is nothing to keep."""
+  old = cache.read_metadata(path, META)
+  if old is None:
+    if cache.read_metadata(path) is not None and not overwrite:
+      raise UserError(f"cache.path={path} holds a cache made before the tokens phase existed; "
+                      "pass --overwrite to replace it")
+    return None
+  diff = cache.first_difference(old, new, IGNORED)
+  if diff is None:
+    return old
+  if not overwrite:
+    raise UserError(f"cache.path={path} holds tokens made with different {diff} "
+                    f"({old.get(diff)!r} vs {new.get(diff)!r}); pass --overwrite to replace it")
+  return None
+
+
+def finished(spec: DataSpec, path: str, rows_per_chunk: int, codec: str,
+             verify: bool = False) -> dict | None:
+  """The complete tokens metadata matching the config (cheap: stats the files, re-hashes only
+  changed ones), or None; refuses tokens made with other settings."""
+  old = cache.read_metadata(path, META)
+  if old is None or not old.get("complete"):
+    return None
+  new = settings(spec, rows_per_chunk, codec, old.get("files"), verify)
+  check_existing(path, new, overwrite=False)
+  return old
+
+
+def _start(path, new, overwrite, plist_len, empty_files):
+  """Process 0: keep a matching store (resume), or clear the path and write fresh metadata."""
+  old = check_existing(path, new, overwrite)
+  if old is not None:
+    return old
+  try:
+    cache.kvstore(path).delete_range(ts.KvStore.KeyRange()).result()
+    meta = {**new, "pieces": plist_len, "stats": {"empty_files": empty_files}}
+    cache.write_metadata(path, meta, META)
+  except (ValueError, OSError) as e:
+    raise UserError(f"cache.path={path}: cannot write ({str(e).splitlines()[0][:160]})") from None
+  return meta
+
+
+def _precheck(spec: DataSpec, plist):
+  """Bad input caught before anything is written: the first record of the first piece."""
+  if not plist:
+    raise ConfigError(f"data.source={list(spec.source)}: no documents (every file is empty)")
+  next(data.docs(plist[0], spec), None)
+
+
+def build(spec: DataSpec, path: str, tok, *, rows_per_chunk: int, codec: str,
+          overwrite: bool = False, verify: bool = False, progress: bool = True) -> dict:
+  """Runs the tokens phase (every process calls it); returns the complete tokens metadata."""
+  import jax
+  p, P = jax.process_index(), jax.process_count()
+  plist, empty_files = data.pieces(spec)
+  _precheck(spec, plist)
+  old = cache.read_metadata(path, META)
+  new = settings(spec, rows_per_chunk, codec, old and old.get("files"), verify)
+  if p == 0:
+    _start(path, new, overwrite, len(plist), empty_files)
+  _barrier(f"tokens {path} started")
+  meta = cache.read_metadata(path, META)
+  if meta.get("complete"):
+    return meta
+  stage_mine(path, spec, plist, tok, p, P, progress and p == 0)
+  _barrier(f"tokens {path} staged")
+  counts, stats = piece_table(path, len(plist), spec.max_rows)
+  n = min(sum(counts), spec.max_rows or sum(counts))
+  if n == 0:
+    raise ConfigError(f"data.source={list(spec.source)}: no rows after tokenization (every "
+                      "document is empty)")
+  if p == 0 and meta.get("rows") is None:
+    cache.open_arrays(path, meta, create=True, layout=cache.token_layout(n, spec.seq_len,
+                                                                         rows_per_chunk))
+    cache.write_metadata(path, {**meta, "rows": n}, META)
+  _barrier(f"tokens {path} arrays")
+  meta = {**meta, "rows": n}
+  assemble_mine(path, meta, counts, p, P)
+  _barrier(f"tokens {path} assembled")
+  if p == 0:
+    meta.update(complete=True, stats={**meta["stats"], **stats})
+    cache.write_metadata(path, meta, META)
+    cache.kvstore(path).delete_range(ts.KvStore.KeyRange(STAGING, STAGING[:-1] + "0")).result()
+  _barrier(f"tokens {path} complete")
+  return meta
+
+
+def write_rows(path: str, tokens_nl, segment_ids_nl, *, rows_per_chunk: int, codec: str,
+               fingerprint: str, tokenizer_hash: str) -> dict:
+  """A complete token store from arrays in memory (benchmarks and tests of the logits phase)."""
+  n, L = tokens_nl.shape
+  meta = {"format": FORMAT, "data_fingerprint": fingerprint, "tokenizer_hash": tokenizer_hash,
+          "seq_len": L, "rows_per_chunk": rows_per_chunk, "codec": codec, "files": None,
+          "rows": n, "complete": True, "stats": {}}
+  arrays = cache.open_arrays(path, meta, create=True,
+                             layout=cache.token_layout(n, L, rows_per_chunk))
+  arrays["tokens"].write(tokens_nl).result()
+  arrays["segment_ids"].write(segment_ids_nl).result()
+  arrays["tokens_done"].write(np.ones(arrays["tokens_done"].shape, np.uint8)).result()
+  cache.write_metadata(path, meta, META)
+  return meta

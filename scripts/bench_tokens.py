@@ -1,0 +1,131 @@
+"""The tokens phase at scale: peak RSS and tokens/s on generated jsonl corpora.
+
+Usage: python scripts/bench_tokens.py [--gb 1,4] [--dir /tmp/bench_tokens] [--keep]
+Writes a jsonl corpus of each size under --dir (Zipf-distributed words, documents of 30 to
+1,500 words; a 64 MiB block of distinct lines repeated), trains a byte-level BPE tokenizer
+(vocab 8,192, like Qwen's byte-level BPE) on a sample, then measures in the same run:
+  baseline   raw `tokenizers` `encode_batch_fast` over 64 MiB of the corpus's text already in
+             memory (all cores), tokens/s;
+  tokens     `moedistill.tokens.build` (the `--phase=tokens` code) over the whole corpus in a
+             child process: wall time, tokens/s (packed tokens incl. EOS / wall), the child's
+             peak RSS (wait4 rusage of that child alone).
+Prints JSON with the ratio tokens/s / baseline and each size's peak RSS. Deletes the corpora
+unless --keep.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = 64 * 2**20
+
+CHILD = """
+import sys, time, json
+sys.path.insert(0, {root!r})
+from moedistill import data, tokens
+spec = data.DataSpec(source=({corpus!r},), tokenizer={tok!r}, seq_len=1024)
+tok = data.load_tokenizer({tok!r})
+t0 = time.perf_counter()
+meta = tokens.build(spec, {store!r}, tok, rows_per_chunk=16, codec="zstd", progress=False)
+print(json.dumps({{"seconds": time.perf_counter() - t0, "rows": meta["rows"],
+                  "stats": meta["stats"]}}))
+"""
+
+
+def make_block(seed=0) -> bytes:
+  r = np.random.default_rng(seed)
+  letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+  words = ["".join(r.choice(letters, int(r.integers(1, 11)))) for _ in range(50_000)]
+  p = 1.0 / np.arange(1, len(words) + 1)
+  p /= p.sum()
+  lines, size = [], 0
+  while size < BLOCK:
+    doc = " ".join(np.asarray(words)[r.choice(len(words), int(r.integers(30, 1500)), p=p)])
+    line = json.dumps({"text": doc}) + "\n"
+    lines.append(line)
+    size += len(line)
+  return "".join(lines).encode()
+
+
+def write_corpus(path: Path, gb: float, block: bytes):
+  with open(path, "wb") as f:
+    for _ in range(max(1, round(gb * 2**30 / len(block)))):
+      f.write(block)
+
+
+def train_tokenizer(block: bytes, out: Path):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  texts = [json.loads(x)["text"] for x in block[:8 * 2**20].decode().splitlines()[:-1]]
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=8192, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+
+
+def baseline(block: bytes, tok_dir: Path) -> float:
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+  texts = [json.loads(x)["text"] for x in block.decode().splitlines()]
+  batches = [texts[i:i + 1024] for i in range(0, len(texts), 1024)]
+  t0, n = time.perf_counter(), 0
+  for b in batches:
+    n += sum(len(e.ids) for e in tok.encode_batch_fast(b, add_special_tokens=False))
+  return n / (time.perf_counter() - t0)
+
+
+def run_child(corpus: Path, tok_dir: Path, store: Path) -> dict:
+  code = CHILD.format(root=str(ROOT), corpus=str(corpus), tok=str(tok_dir), store=str(store))
+  p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = p.stdout.read()
+  _, status, usage = os.wait4(p.pid, 0)
+  if status:
+    raise SystemExit(f"child failed with status {status}")
+  res = json.loads(out.strip().splitlines()[-1])
+  res["peak_rss_mib"] = round(usage.ru_maxrss / 1024)
+  res["tokens_per_s"] = round(res["stats"]["tokens"] / res["seconds"])
+  return res
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--gb", default="1,4")
+  ap.add_argument("--dir", default="/tmp/bench_tokens")
+  ap.add_argument("--keep", action="store_true")
+  a = ap.parse_args()
+  work = Path(a.dir)
+  work.mkdir(parents=True, exist_ok=True)
+  try:
+    block = make_block()
+    train_tokenizer(block, work / "tok")
+    res = {"cpu_count": os.cpu_count(), "runs": [],
+           "baseline_tokens_per_s": round(baseline(block, work / "tok"))}
+    for gb in [float(x) for x in a.gb.split(",")]:
+      corpus = work / f"corpus_{gb:g}gb.jsonl"
+      write_corpus(corpus, gb, block)
+      r = run_child(corpus, work / "tok", work / f"store_{gb:g}")
+      r.update(corpus_bytes=corpus.stat().st_size,
+               ratio_to_baseline=round(r["tokens_per_s"] / res["baseline_tokens_per_s"], 3))
+      res["runs"].append(r)
+      corpus.unlink()
+      shutil.rmtree(work / f"store_{gb:g}")
+      print(json.dumps(r), flush=True)
+    print(json.dumps(res, indent=2))
+  finally:
+    if not a.keep:
+      shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()
