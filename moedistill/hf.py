@@ -110,7 +110,7 @@ def open_checkpoint(path) -> tuple[dict[str, st.SafetensorsFile], dict]:
 
 def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend="ragged",
                capacity_factor=1.25, remat="none", attention="auto", attention_block=512,
-               put: Callable | None = None):
+               scan_layers=False, put: Callable | None = None):
   """Returns (model, config). `put(abstract_var, src) -> jax.Array` places each param, where
   `src` is a LazyParam (`.shape`, `.dtype`, `src[idx]` reads only that slice from the files);
   default: the whole param on the default device. moedistill.sharding.sharded_put(mesh) reads
@@ -121,7 +121,7 @@ def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend=
   comp = Compression.from_dict(raw["compression"], source) if raw.get("compression") else None
   rt = Runtime(dtype=dtype, param_dtype=param_dtype, moe_backend=moe.resolve_backend(moe_backend),
                capacity_factor=capacity_factor, remat=remat, attention=attention,
-               attention_block=attention_block)
+               attention_block=attention_block, scan_layers=scan_layers)
   abstract = nnx.eval_shape(
       lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=rt, compression=comp))
   graphdef, state = nnx.split(abstract)
@@ -246,25 +246,25 @@ def _plan(table, arrays, itemsize, max_shard_bytes) -> list[list[Entry]]:
 
 def _write_shards(arrays, table, out_dir, dtype, max_shard_bytes, writing) -> dict[str, str]:
   """Streams the tensors into shard files; returns the weight map. Holds one stacked param (a
-  layer's merged projection) plus the shard being filled."""
+  layer's merged projection) and the tensor being written, whatever the shard size."""
   shards = _plan(table, arrays, dtype.itemsize, max_shard_bytes)
   names = ([SINGLE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   weight_map, held = {}, (None, None)
   for name, entries in zip(names, shards):
-    tensors = {}
+    specs = [(e.hf_key, _hf_shape(e, _shape(arrays, e.path)), dtype) for e in entries]
+    w = st.StreamWriter(out_dir / name, specs) if writing else None
     for e in entries:
       if held[0] != e.path:  # each param, and each layer's expert merge, fetched once
         held = (None, None)  # free the previous one before the next is fetched
         held = (e.path, _fetch(arrays, e.path, dtype))
       a = held[1][e.expert] if e.expert is not None else held[1]
       if writing:
-        tensors[e.hf_key] = np.ascontiguousarray(a.T if e.transpose else a)
+        w.add(e.hf_key, a.T if e.transpose else a)
       weight_map[e.hf_key] = name
     if writing:
-      st.write(out_dir / name, tensors)
+      w.close()
       _pause_hook(names, name)
-    del tensors
   return weight_map
 
 
@@ -284,7 +284,7 @@ def save_model(model, path, *, merged: bool = False, max_shard_bytes: int = 5 * 
   `tokenizer_from`, the tokenizer files. `dtype` casts on the way out (default: param dtype).
   A compressed model is written in its native compact form, or with `merged=True` as a
   standard Qwen3-MoE that transformers loads (each layer's experts merged once, on device).
-  Streams: host memory is one stacked param plus one shard. Params may be sharded over
+  Streams: host memory is one stacked param, not a shard or the model. Params may be sharded over
   processes: then every process calls this (one param is gathered at a time); process 0 writes.
   Written aside and renamed, so a crash never leaves a half checkpoint at `path`."""
   cfg: ModelConfig = model.config

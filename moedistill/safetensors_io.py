@@ -4,6 +4,9 @@ thing it leaves out: errors that name the file, and the tensor when one is at fa
 Reads are lazy (`safe_open` memory-maps the file; `get_slice` copies only the requested slice).
 A mapping keeps every page it touched resident, so `close()` drops it once a caller is done
 with a tensor: host memory then follows what is being read, not the file. Never pickle.
+Writes: `write` is the library's save_file (all of a file's tensors at once); `StreamWriter`
+writes the same format one tensor at a time, for exports whose shards outsize host memory
+(scripts/bench_export.py measures the two).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import json
 import os
 import struct
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -20,6 +24,10 @@ from moedistill.errors import CheckpointFileError
 # The dtypes the numpy side reads (BF16 arrives as ml_dtypes.bfloat16), with their sizes.
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
             "U8": 1, "BOOL": 1}
+_NAMES = {np.dtype(d): n for n, d in (
+    ("F64", np.float64), ("F32", np.float32), ("F16", np.float16), ("BF16", ml_dtypes.bfloat16),
+    ("I64", np.int64), ("I32", np.int32), ("I16", np.int16), ("I8", np.int8), ("U8", np.uint8),
+    ("BOOL", np.bool_))}
 
 
 class SafetensorsFile:
@@ -106,3 +114,36 @@ def write(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None 
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
             metadata={"format": "pt", **(metadata or {})})
   os.replace(tmp, path)
+
+
+class StreamWriter:
+  """Writes one safetensors file tensor by tensor, in the order of `specs` [(key, shape,
+  dtype)], so only the tensor being written is in memory (the library's save_file takes all
+  of a file's tensors at once: a whole shard). Same format: 8-byte header size, JSON header,
+  8-byte aligned data. Written to `path`.tmp and renamed by close()."""
+
+  def __init__(self, path, specs, metadata: dict[str, str] | None = None):
+    self.path, self._next = str(path), 0
+    self._specs = [(k, tuple(s), np.dtype(d)) for k, s, d in specs]
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+    for k, shape, d in self._specs:
+      n = int(np.prod(shape)) * d.itemsize
+      header[k] = {"dtype": _NAMES[d], "shape": list(shape), "data_offsets": [offset, offset + n]}
+      offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    self._f = open(self.path + ".tmp", "wb")
+    self._f.write(struct.pack("<Q", len(blob)) + blob)
+
+  def add(self, key, a: np.ndarray):
+    k, shape, d = self._specs[self._next]
+    if (key, tuple(a.shape), a.dtype) != (k, shape, d):
+      raise ValueError(f"{self.path}: got {key} {a.shape} {a.dtype}, expected {k} {shape} {d}")
+    self._f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)  # bf16: no buffer
+    self._next += 1
+
+  def close(self):
+    if self._next != len(self._specs):
+      raise ValueError(f"{self.path}: {len(self._specs) - self._next} tensors never written")
+    self._f.close()
+    os.replace(self.path + ".tmp", self.path)

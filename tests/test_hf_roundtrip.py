@@ -204,3 +204,25 @@ def test_export_dtype(tmp_path, student_dir):
     _expect(ConfigError, f"--dtype={bad!r}",
             lambda: export.export(src, tmp_path / "x", dtype=bad))
   assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_stream_writer_matches_the_library(tmp_path):
+  import ml_dtypes
+  from safetensors.numpy import load_file
+  from moedistill import safetensors_io as st
+  r = np.random.RandomState(0)
+  tensors = {"b": r.randn(3, 5).astype(ml_dtypes.bfloat16), "a": r.randn(7).astype(np.float32),
+             "c": r.randint(0, 9, (2, 2, 2)).astype(np.int32)}
+  w = st.StreamWriter(tmp_path / "s.safetensors", [(k, v.shape, v.dtype) for k, v in
+                                                   tensors.items()])
+  assert not (tmp_path / "s.safetensors").exists()  # only the .tmp until close()
+  for k, v in tensors.items():
+    w.add(k, v.T.T if k != "b" else np.asfortranarray(v))  # any memory layout
+  w.close()
+  got = load_file(tmp_path / "s.safetensors")
+  assert got.keys() == tensors.keys()
+  for k, v in tensors.items():
+    assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
+  w = st.StreamWriter(tmp_path / "t.safetensors", [("x", (2,), np.float32)])
+  with pytest.raises(ValueError, match="expected x"):
+    w.add("x", np.zeros(3, np.float32))
