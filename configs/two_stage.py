@@ -76,6 +76,8 @@ def get_config(arg: str = ""):
                                        # than attention_block, else plain) | plain | blocked |
                                        # cudnn
   c.model.attention_block = 512        # query/key block of blocked attention (memory ~ block^2)
+  c.model.scan_layers = False          # lax.scan over identical decoder layers instead of an
+                                       # unrolled loop (same param paths; see bench_compile.py)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1 = fill
 

@@ -49,6 +49,11 @@ def _positive(value, field):
   return value
 
 
+def _bool(value, field):
+  _check(isinstance(value, bool), f"config.{field}={value!r}: expected True or False")
+  return value
+
+
 def _attention(m):
   impl = _choice(m.attention, attention.IMPLS, "model.attention")
   # cuDNN attention cannot even be lowered elsewhere: refuse before any weights are loaded.
@@ -89,6 +94,7 @@ class ModelRuntimeConfig:
   remat: str             # a layers.REMAT_POLICIES key: none | full | dots
   attention: str         # auto | plain | blocked | cudnn (moedistill.model.attention)
   attention_block: int   # query/key block of blocked attention; auto blocks longer rows
+  scan_layers: bool = False  # lax.scan over the decoder layers (param paths unchanged)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +251,9 @@ def job_from_config(c) -> Job:
                                remat=_choice(m.remat, REMAT_POLICIES, "model.remat"),
                                attention=_attention(m),
                                attention_block=_positive(m.attention_block,
-                                                         "model.attention_block")),
+                                                         "model.attention_block"),
+                               scan_layers=_bool(m.get("scan_layers", False),
+                                                 "model.scan_layers")),
       mesh=MeshConfig(**{a: c.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}),
       student_init=st.init_from or str(Path(c.workdir, "student_init")), ranks=ranks,
       train=_train(c))

@@ -107,7 +107,8 @@ def test_config_refuses_cudnn_without_nvidia_gpu(tmp_path):
   for field, value, msg in (("model.attention", "cudnn", "needs an NVIDIA GPU"),
                             ("model.attention", "flash", "expected one of"),
                             ("model.attention_block", 0, "expected a positive integer"),
-                            ("model.remat", "some", "expected one of")):
+                            ("model.remat", "some", "expected one of"),
+                            ("model.scan_layers", "yes", "expected True or False")):
     c = job_config(tmp_path, tmp_path / "teacher", **{field: value})
     with pytest.raises(ConfigError, match=f"config.{field}=.*{msg}"):
       job_from_config(c)

@@ -1,5 +1,8 @@
 """Remat policies change only what is saved for the backward: each equals `none` in value and
-gradient (float32), with plain and blocked attention, and with micro-batches in a train step."""
+gradient (float32), with plain and blocked attention, with micro-batches in a train step, and
+with the layers scanned (Runtime.scan_layers) instead of unrolled."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +83,38 @@ def test_micro_batches_with_each_policy_match_one_batch_without_remat():
 def test_unknown_policy_is_refused():
   with pytest.raises(ConfigError, match="remat='some'"):
     _student(Runtime(remat="some"))
+
+
+def test_scan_layers_equals_unrolled_and_keeps_param_paths():
+  """lax.scan over the layers (params stacked inside the step) with each policy: same value,
+  same gradient, and the same `layers.N....` paths as the unrolled loop."""
+  cfg = dataclasses.replace(tiny(), mlp_only_layers=())  # scan needs identical layers
+  batch = S.batch(cfg)
+  tokens, segs = jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"])
+
+  def value_and_grad(rt):
+    m = Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=rt, compression=Compression(3, 3, 2))
+    g, st = nnx.split(m)
+
+    def f(st):
+      logits, aux = nnx.merge(g, st)(tokens, segs)
+      return jnp.sum(logits ** 2) + sum(jnp.sum(r ** 2) for r in aux["router_logits"])
+    return jax.jit(jax.value_and_grad(f))(st)
+
+  ref_v, ref_g = value_and_grad(Runtime())
+  ref_flat = dict(nnx.to_flat_state(ref_g))
+  for remat in POLICIES:
+    v, grads = value_and_grad(Runtime(scan_layers=True, remat=remat))
+    np.testing.assert_allclose(v, ref_v, rtol=1e-6)
+    flat = dict(nnx.to_flat_state(grads))
+    assert flat.keys() == ref_flat.keys() and ("layers", 2, "mlp", "gate", "kernel") in flat
+    for path, b in ref_flat.items():
+      scale = max(np.abs(b[...]).max(), 1e-3)
+      np.testing.assert_allclose(flat[path][...], b[...], rtol=1e-4, atol=1e-6 * scale,
+                                 err_msg=f"{remat} {path}")
+
+
+def test_scan_layers_refuses_mixed_layers():
+  with pytest.raises(ConfigError, match=r"scan_layers=True needs identical layers, but layers "
+                     r"\(0, 2\) are MoE"):
+    Qwen3MoeForCausalLM(tiny(), rngs=nnx.Rngs(0), runtime=Runtime(scan_layers=True))

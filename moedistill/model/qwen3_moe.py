@@ -127,6 +127,9 @@ class Qwen3MoeForCausalLM(nnx.Module):
     rt = runtime
     if rt.remat not in REMAT_POLICIES:
       raise ConfigError(f"remat={rt.remat!r}: expected one of {list(REMAT_POLICIES)}")
+    if rt.scan_layers and len(set(map(cfg.is_moe_layer, range(cfg.num_hidden_layers)))) > 1:
+      raise ConfigError(f"scan_layers=True needs identical layers, but layers {cfg.moe_layers} "
+                        "are MoE and the rest dense; expected scan_layers=False for this model")
     self.config, self.runtime, self.compression = cfg, rt, compression
     experts_factory: ExpertsFactory = DenseExperts
     if compression is not None:
@@ -147,6 +150,12 @@ class Qwen3MoeForCausalLM(nnx.Module):
       positions_bt = (positions_from_segments(segment_ids_bt) if segment_ids_bt is not None
                       else jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape))
     x_btd = self.embed_tokens(tokens_bt).astype(self.runtime.dtype)
+    run = self._scan_layers if self.runtime.scan_layers else self._loop_layers
+    x_btd, router_logits, dropped = run(x_btd, positions_bt, segment_ids_bt)
+    return self.norm(x_btd), {"router_logits": router_logits, "dropped": dropped}
+
+  def _loop_layers(self, x_btd, positions_bt, segment_ids_bt):
+    """Unrolled: one copy of the layer per layer in the program."""
     router_logits, dropped = [], jnp.zeros((), jnp.int32)
     call = lambda lyr, *a: lyr(*a)  # noqa: E731
     if self.runtime.remat != "none":
@@ -156,7 +165,25 @@ class Qwen3MoeForCausalLM(nnx.Module):
       if logits is not None:
         router_logits.append(logits)
         dropped = dropped + drop
-    return self.norm(x_btd), {"router_logits": tuple(router_logits), "dropped": dropped}
+    return x_btd, tuple(router_logits), dropped
+
+  def _scan_layers(self, x_btd, positions_bt, segment_ids_bt):
+    """One layer body in a lax.scan over the layers' params, stacked here, inside the step:
+    params stay `layers.N....` (regex groups, checkpoints and HF keys unchanged), at the cost
+    of a stacked copy of the layer params (and of their gradient) per step."""
+    graphdefs, states = zip(*(nnx.split(layer) for layer in self.layers))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+    def body(x_btd, state):
+      x_btd, logits, drop = nnx.merge(graphdefs[0], state)(x_btd, positions_bt, segment_ids_bt)
+      return x_btd, (logits, drop)
+
+    if self.runtime.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.runtime.remat])
+    x_btd, (logits_l, drop_l) = jax.lax.scan(body, x_btd, stacked)
+    if logits_l is None:  # dense layers only
+      return x_btd, (), jnp.zeros((), jnp.int32)
+    return x_btd, tuple(logits_l), jnp.sum(drop_l)
 
   def lm_head_kernel(self):
     """[d, v] output projection (the embedding's transpose when tied)."""
