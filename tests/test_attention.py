@@ -102,15 +102,19 @@ def test_auto_choice_on_cpu():
 
 
 def test_config_refuses_cudnn_without_nvidia_gpu(tmp_path):
+  import ml_collections
+
   from conftest import job_config
   from moedistill.config import job_from_config
-  for field, value, msg in (("model.attention", "cudnn", "needs an NVIDIA GPU"),
-                            ("model.attention", "flash", "expected one of"),
-                            ("model.attention_block", 0, "expected a positive integer"),
-                            ("model.remat", "some", "expected one of"),
-                            ("model.scan_layers", "yes", "expected True or False")):
-    c = job_config(tmp_path, tmp_path / "teacher", **{field: value})
-    with pytest.raises(ConfigError, match=f"config.{field}=.*{msg}"):
+  for field, value, msg in (("attention", "cudnn", "needs an NVIDIA GPU"),
+                            ("attention", "flash", "expected one of"),
+                            ("attention_block", 0, "expected a positive integer"),
+                            ("remat", "some", "expected one of"),
+                            ("scan_layers", "yes", "expected True or False")):
+    c = job_config(tmp_path, tmp_path / "teacher")
+    # As a config file loaded from JSON would hold it (a ConfigDict field keeps its type).
+    c.model = ml_collections.ConfigDict({**c.model.to_dict(), field: value})
+    with pytest.raises(ConfigError, match=f"config.model.{field}=.*{msg}"):
       job_from_config(c)
 
 
