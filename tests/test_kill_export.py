@@ -1,5 +1,6 @@
 """compress and export killed (SIGKILL) mid-write leave the previous output intact (or none),
-and a rerun gives files bit-identical to an uninterrupted run.
+and a rerun gives files bit-identical to an uninterrupted run; a 2-process export equals a
+1-process one.
 
 The kill lands at a known point: MOEDISTILL_PAUSE_AT_SHARD=k makes save_model print
 `wrote shard NAME` after each shard file and stop after the k-th, so the test kills there and
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import make_hf_checkpoint
@@ -70,3 +72,43 @@ def test_kill_mid_write_keeps_previous_output(tmp_path, command):
   assert not fresh.exists()
   subprocess.run([sys.executable, "-m", *args(fresh)], check=True, capture_output=True)
   assert snapshot(fresh) == want
+
+
+def test_two_process_export_equals_one_process(tmp_path, teacher_dir):
+  """The export CLI run by 2 processes (gloo, one CPU device each, fsdp=2: each holds half of
+  every param and the export gathers one at a time) writes what one process writes; a
+  non-float --dtype is one line, exit 2, nothing written."""
+  from conftest import job_config, run_cli, write_config_file
+  from test_cache import free_port
+  teacher, _ = teacher_dir
+  student = tmp_path / "student"
+  subprocess.run([sys.executable, "-m", "moedistill.compress", f"--teacher={teacher}",
+                  f"--out={student}", "--rank=4"], check=True, capture_output=True)
+  c = job_config(tmp_path, teacher)
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  cfg = write_config_file(tmp_path, c)
+  common = [f"--config={cfg}", f"--checkpoint={student}", "--max_shard_bytes=20000"]
+  one = run_cli("moedistill.export", *common, f"--out={tmp_path / 'one'}")
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "moedistill.export", *common,
+                             f"--out={tmp_path / 'two'}", f"--coordinator=127.0.0.1:{port}",
+                             "--num_processes=2", f"--process_id={i}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  want, got = snapshot(tmp_path / "one"), snapshot(tmp_path / "two")
+  assert len([n for n in want if n.suffix == ".safetensors"]) > 2 and got.keys() == want.keys()
+  for name in want:  # the experts' merge (a sharded einsum) may round differently
+    if name.suffix != ".safetensors":
+      assert got[name] == want[name], name
+  from moedistill import hf
+  a, b = (hf.state_arrays(hf.load_model(tmp_path / d)[0]) for d in ("one", "two"))
+  for k in a:
+    np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-6, atol=1e-7)
+  bad = run_cli("moedistill.export", *common, "--dtype=int8", f"--out={tmp_path / 'bad'}")
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+      "error: --dtype='int8': expected a float type (bfloat16, float16, float32)"], bad.stderr
+  assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
