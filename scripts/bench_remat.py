@@ -2,12 +2,12 @@
   saved: bytes autodiff keeps from the forward for the backward (params excluded), read from
     the jaxpr (what a policy changes, independent of any compiler's scheduling);
   XLA:CPU temp: compiled temporaries of loss + gradient (abstract inputs, nothing allocated).
-    XLA:CPU schedules the recomputation without lowering its peak (a plain 8-layer MLP chain
-    shows the same temp with and without jax.checkpoint), so on CPU this column barely moves;
-    the `saved` column is the figure to carry to an accelerator.
+    With unrolled layers XLA:CPU schedules the recomputation without lowering its peak (a
+    plain 8-layer MLP chain shows the same temp with and without jax.checkpoint), so this
+    column barely moves; with --scan_layers the loop forces one layer at a time and it does.
 
   python scripts/bench_remat.py                          # narrow model, 8 layers, 2 x 4096
-  python scripts/bench_remat.py --layers 4 --seq 1024 --attention plain
+  python scripts/bench_remat.py --scan_layers          # the same, layers under lax.scan
 """
 import argparse
 import math
@@ -57,6 +57,7 @@ def main():
   # capacity: XLA:CPU lowers ragged_dot to a dense masked matmul whose [tokens*k, experts, f]
   # temporaries would swamp what the policies change.
   p.add_argument("--moe_backend", default="capacity", choices=["capacity", "ragged"])
+  p.add_argument("--scan_layers", action="store_true", help="lax.scan over the layers")
   a = p.parse_args()
   # Narrow: Qwen3-30B-A3B's head/expert counts and vocab shape ratios at a small width.
   cfg = ModelConfig(vocab_size=4096, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
@@ -65,11 +66,12 @@ def main():
                     num_experts_per_tok=8, norm_topk_prob=True)
   print(f"model loss+grad temporaries: {a.layers} layers, hidden {a.hidden}, 32/4 heads, 128 "
         f"experts top-8, {a.batch} x {a.seq} tokens, {a.attention} attention, "
-        f"{a.moe_backend} MoE, float32")
+        f"{a.moe_backend} MoE, float32{', scanned layers' if a.scan_layers else ''}")
   print(f"  {'remat':<6} {'saved MiB':>10} {'x none':>7} {'XLA:CPU temp MiB':>17} {'x none':>7}")
   base = None
   for remat in REMAT_POLICIES:
-    rt = Runtime(remat=remat, attention=a.attention, moe_backend=a.moe_backend)
+    rt = Runtime(remat=remat, attention=a.attention, moe_backend=a.moe_backend,
+                 scan_layers=a.scan_layers)
     saved, temp = measure(cfg, rt, a.batch, a.seq)
     base = base or (saved, temp)
     print(f"  {remat:<6} {saved / 2**20:>10.1f} {saved / base[0]:>7.3f} {temp / 2**20:>17.1f} "
