@@ -108,6 +108,17 @@ def test_two_process_export_equals_one_process(tmp_path, teacher_dir):
   a, b = (hf.state_arrays(hf.load_model(tmp_path / d)[0]) for d in ("one", "two"))
   for k in a:
     np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-6, atol=1e-7)
+  # --out defaults to <workdir>/export, --dtype to the teacher's declared dtype
+  import json
+  raw = json.loads((teacher / "config.json").read_text())
+  (teacher / "config.json").write_text(json.dumps({**raw, "torch_dtype": "bfloat16"}))
+  r = run_cli("moedistill.export", *common)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = tmp_path / "run" / "export"
+  assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  from moedistill.safetensors_io import SafetensorsFile
+  f = SafetensorsFile(next(out.glob("*.safetensors")))
+  assert {f.dtype(k) for k in f.keys()} == {"BF16"}
   bad = run_cli("moedistill.export", *common, "--dtype=int8", f"--out={tmp_path / 'bad'}")
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       "error: --dtype='int8': expected a float type (bfloat16, float16, float32)"], bad.stderr
