@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moedistill.fused_stats import vocab_stats
 from moedistill.vocab_scan import topk_lse
 
 
@@ -62,3 +63,33 @@ def test_bf16_inputs():
   h = jnp.asarray(r.randn(17, 16), jnp.bfloat16)
   w = jnp.asarray(r.randn(16, 700), jnp.bfloat16)
   _check_against_dense(h, w, 16, (1.0, 2.0), 256, 32)
+
+
+@pytest.mark.parametrize("chunk", [8, 53, 100])
+def test_fused_stats_argmax_is_the_first_dense_argmax(chunk):
+  """vocab_stats' argmax (two-level, per chunk) on a coarse grid where rows have tied maxima."""
+  r = np.random.RandomState(4)
+  h = jnp.asarray(np.eye(6)[r.randint(0, 6, 25)], jnp.float32)
+  w = jnp.asarray(r.randint(0, 3, (6, 230)), jnp.float32)
+  idx, labels = jnp.zeros((25, 2), jnp.int32), jnp.zeros((25,), jnp.int32)
+  got = vocab_stats(h, w, idx, labels, 2.0, chunk)["argmax"]
+  np.testing.assert_array_equal(got, jnp.argmax(h @ w, axis=-1))
+  h2 = jnp.asarray(r.randn(25, 6), jnp.float32)
+  got = vocab_stats(h2, w, idx, labels, 2.0, chunk)["argmax"]
+  np.testing.assert_array_equal(got, jnp.argmax(h2 @ w, axis=-1))
+
+
+def test_fused_stats_bf16_gradient_close_to_float32():
+  """bf16 inputs (the accelerator default; the backward's dots run in float32 on CPU)."""
+  r = np.random.RandomState(5)
+  h, w = jnp.asarray(r.randn(30, 16), jnp.float32), jnp.asarray(r.randn(16, 300) * 0.3)
+  idx, labels = jnp.asarray(r.randint(0, 300, (30, 4))), jnp.asarray(r.randint(0, 300, (30,)))
+
+  def f(h, w):
+    s = vocab_stats(h, w, idx, labels, 2.0, 64)
+    return jnp.sum(s["lse_t"]) + jnp.sum(s["lse_1"]) - jnp.sum(s["s_topk"]) - jnp.sum(s["s_label"])
+
+  g32 = jax.grad(f, (0, 1))(h, w)
+  g16 = jax.jit(jax.grad(f, (0, 1)))(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  for a, b in zip(g16, g32):
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.03 * np.abs(b).max())
