@@ -95,6 +95,8 @@ def _unknown_field(argv) -> str:
   from ml_collections import ConfigDict
   args = dict(a.lstrip("-").split("=", 1) for a in argv[1:] if a.startswith("--config")
               and "=" in a)
+  if "config" not in args:
+    return "a --config.<field> override names no field of the config"
   config = FLAGS["config"].parser.parse(args["config"])
   for name in args:
     node, where = config, "config"
@@ -138,7 +140,7 @@ def load_job(argv=None, required: bool = True):
     if config is not None:
       config.keys()  # config_flags defers a file that failed to load until first use
   except OSError as e:
-    raise UserError(f"--config: {_one_line(e)}") from None
+    raise UserError(f"--config: {str(e).strip().splitlines()[-1].strip()}") from None
   if config is None and required:
     raise UserError("--config is required, e.g. --config=configs/two_stage.py")
   init_distributed()

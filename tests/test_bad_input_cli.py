@@ -48,12 +48,17 @@ def _cases(tmp, teacher):
                                    f"--cache={cache}"], "vocab_size=64, the student has 101"),
       "params_invalid_regex": (["moedistill.params", f"--config={tmp / 'regex.py'}"],
                                "invalid regex '[wrapper'"),
+      "compress_no_teacher": (["moedistill.compress", f"--out={tmp / 'x'}", "--rank=2"],
+                              "--teacher is required"),
+      "export_no_out": (["moedistill.export", f"--checkpoint={student}"], "--out is required"),
+      "params_no_config": (["moedistill.params"], "--config is required"),
   }, other, trunc
 
 
 CASE_NAMES = ["compress_no_config", "compress_rank_zero", "compress_out_exists",
               "export_out_exists", "export_bad_format", "export_truncated", "evaluate_no_cache",
-              "evaluate_temperature", "evaluate_vocab_mismatch", "params_invalid_regex"]
+              "evaluate_temperature", "evaluate_vocab_mismatch", "params_invalid_regex",
+              "compress_no_teacher", "export_no_out", "params_no_config"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
