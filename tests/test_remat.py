@@ -118,3 +118,21 @@ def test_scan_layers_refuses_mixed_layers():
   with pytest.raises(ConfigError, match=r"scan_layers=True needs identical layers, but layers "
                      r"\(0, 2\) are MoE"):
     Qwen3MoeForCausalLM(tiny(), rngs=nnx.Rngs(0), runtime=Runtime(scan_layers=True))
+
+
+def test_policies_on_sharded_meshes_match_one_device():
+  """Each policy (with blocked attention and scanned layers) on fsdp / expert / tensor meshes
+  of 8 forced CPU devices gives the one-device plain model's loss and gradient."""
+  import json
+  import pathlib
+  import subprocess
+  import sys
+  specs = ["2,4,1,1:dots:blocked:scan", "2,1,2,2:full:blocked:loop", "1,2,2,2:none:plain:scan"]
+  script = pathlib.Path(__file__).parent / "memory_policies_check.py"
+  r = subprocess.run([sys.executable, str(script), *specs], capture_output=True, text=True,
+                     timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  for spec in specs:
+    loss_diff, grad_diff, grad_max = out[spec]
+    assert grad_max > 0.01 and loss_diff < 1e-5 and grad_diff < 1e-5 * grad_max, (spec, out)
