@@ -3,6 +3,7 @@ experts (or routing-frequency weighted), wrappers = truncated SVD of each expert
 
 CLI: python -m moedistill.compress --teacher=DIR --out=DIR --rank=R [--rank_down=R2]
      python -m moedistill.compress --config=configs/two_stage.py  (teacher, out, ranks from it)
+     python -m moedistill.compress --config=configs/two_stage.py  (teacher, out, ranks from it)
 """
 from __future__ import annotations
 
@@ -163,18 +164,23 @@ def main(argv):
   cache = None
   if F.core == "routing_weighted":
     cache = pick(F.cache, "cache", job and job.cache_path("train"))
-  teacher, _ = hf.load_model(teacher_dir, **({"param_dtype": job.model.param_dtype} if job
-                                             else {}))
+  # Every process takes part: the teacher is read into its shardings and compressed there.
+  mesh = sharding.make_mesh(job.mesh if job else sharding.MeshConfig())
+  teacher, _ = hf.load_model(teacher_dir, put=sharding.sharded_put(mesh),
+                             **({"param_dtype": job.model.param_dtype} if job else {}))
   freq = None
   if cache is not None:
     from moedistill.cache import CacheReader
     freq = routing_frequency(teacher, CacheReader(cache), F.max_rows)
-  student, report = compress_model(teacher, comp, freq)
-  print_report(report, param_count(teacher), param_count(student))
-  hf.save_model(student, out, tokenizer_from=teacher_dir, extra_files={
+  student, report = compress_model(teacher, comp, freq, mesh=mesh)
+  first = jax.process_index() == 0
+  if first:
+    print_report(report, param_count(teacher), param_count(student))
+  hf.save_model(student, out, tokenizer_from=teacher_dir, extra_files={  # process 0 writes
       "compression_report.json": json.dumps(
           {"compression": dataclasses.asdict(comp), "layers": report}, indent=2)})
-  print(f"wrote {out}")
+  if first:
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ CLI: python -m moedistill.evaluate --checkpoint=DIR --cache=PATH [--temperature=
      [--batch_size=8] [--max_rows=0]
      python -m moedistill.evaluate --config=configs/two_stage.py  (<workdir>/export on the
      eval cache, with the config's dtypes)
+     python -m moedistill.evaluate --config=configs/two_stage.py  (<workdir>/export on the
+     eval cache, with the config's dtypes)
 """
 from __future__ import annotations
 
@@ -111,11 +113,15 @@ def main(argv):
   checkpoint = pick(F.checkpoint, "checkpoint", job and str(Path(job.workdir, "export")))
   cache = pick(F.cache, "cache", job and job.cache_path("eval"))
   m = job and job.model  # the config's compute settings, as train's report uses
-  model, _ = hf.load_model(checkpoint, **({} if m is None else dict(
-      dtype=m.dtype, param_dtype=m.param_dtype, moe_backend=m.moe_backend)))
+  mesh = sharding.make_mesh(job.mesh if job else sharding.MeshConfig())
+  kw = {} if m is None else dict(dtype=m.dtype, param_dtype=m.param_dtype,
+                                 moe_backend=m.moe_backend, attention=m.attention,
+                                 attention_block=m.attention_block)
+  model, _ = hf.load_model(checkpoint, put=sharding.sharded_put(mesh), **kw)
   out = evaluate_model(model, CacheReader(cache), temperature=F.temperature,
-                       batch_size=F.batch_size, max_rows=F.max_rows)
-  print(json.dumps(out, indent=2))
+                       batch_size=F.batch_size, max_rows=F.max_rows, mesh=mesh)
+  if jax.process_index() == 0:
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
