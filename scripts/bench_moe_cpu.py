@@ -1,6 +1,7 @@
 """The CPU MoE path (`sorted`) against `ragged` (jax.lax.ragged_dot) at 128 experts top-8.
 
 Usage:  python scripts/bench_moe_cpu.py [--reps 5] [--shapes 1024x64x64,2048x128x64]
+                                       [--tiles 8,16,32,64]
 Each shape is tokens x hidden d x expert intermediate f (token copies m = 8 x tokens). Two
 programs per backend, each forward and forward+backward (grad w.r.t. input and weights):
   gmm: expand the tokens to their copies and one grouped matmul [m, d] x [e, d, f]
@@ -102,10 +103,29 @@ def table(res):
   return "\n".join(lines)
 
 
+def tile_sweep(t, d, f, tiles, reps):
+  """Wall ms of the sorted expert FFN, forward and forward+backward, per tile size."""
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.normal(size=(t, d)), jnp.float32)
+  weights, experts = jax.lax.top_k(jax.nn.softmax(jnp.asarray(r.normal(size=(t, E)))), K)
+  w = [jnp.asarray(r.normal(size=s) * 0.1, jnp.float32) for s in ((E, d, f),) * 2 + ((E, f, d),)]
+  ct = jnp.asarray(r.normal(size=(t, d)), jnp.float32)
+  lines = []
+  for tile in tiles:
+    def fn(x, w, experts, weights, tile=tile):
+      return moe.expert_ffn(moe.SortedDispatch(experts, weights, E, tile), x, *w)
+    args = (x, w, experts, weights)
+    lines.append(f"m={t * K} d={d} f={f} tile={tile:3d}: ffn fwd "
+                 f"{median_ms(fn, args, reps):7.2f} ms, fwd+bwd "
+                 f"{median_ms(fwd_bwd(fn, ct), args, reps):7.2f} ms")
+  return "\n".join(lines)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--shapes", default="1024x64x64,2048x128x64", help="tokens x d x f, ...")
+  ap.add_argument("--tiles", default="", help="also time the sorted FFN at these tile sizes")
   a = ap.parse_args()
   res = {}
   for s in a.shapes.split(","):
@@ -113,6 +133,9 @@ def main():
     res[f"m={t * K} d={d} f={f}"] = measure(t, d, f, a.reps)
   print(f"{E} experts top-{K}, float32, {jax.devices()[0].device_kind}")
   print(table(res))
+  for s in a.shapes.split(",") if a.tiles else ():
+    t, d, f = (int(v) for v in s.split("x"))
+    print(tile_sweep(t, d, f, [int(v) for v in a.tiles.split(",")], a.reps))
   print(json.dumps(res))
 
 
