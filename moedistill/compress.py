@@ -3,7 +3,6 @@ experts (or routing-frequency weighted), wrappers = truncated SVD of each expert
 
 CLI: python -m moedistill.compress --teacher=DIR --out=DIR --rank=R [--rank_down=R2]
      python -m moedistill.compress --config=configs/two_stage.py  (teacher, out, ranks from it)
-     python -m moedistill.compress --config=configs/two_stage.py  (teacher, out, ranks from it)
 """
 from __future__ import annotations
 

@@ -5,8 +5,6 @@ CLI: python -m moedistill.evaluate --checkpoint=DIR --cache=PATH [--temperature=
      [--batch_size=8] [--max_rows=0]
      python -m moedistill.evaluate --config=configs/two_stage.py  (<workdir>/export on the
      eval cache, with the config's dtypes)
-     python -m moedistill.evaluate --config=configs/two_stage.py  (<workdir>/export on the
-     eval cache, with the config's dtypes)
 """
 from __future__ import annotations
 
