@@ -96,23 +96,35 @@ class Loader:
                          for rows in [self.order.chunk_rows(c)]}
     self.reads.update((key[0], c) for c in self.windows[key])
 
-  def _window_data(self, key) -> dict[str, np.ndarray]:
-    """The window's rows in order, decoded once (the futures are replaced by arrays)."""
+  def _chunks(self, key) -> list[dict[str, np.ndarray]]:
+    """The window's decoded chunks in window order (each decoded once: the futures are
+    replaced by their arrays)."""
     data = self.windows[key]
-    if not isinstance(data, dict) or "rows" not in data:
-      parts = [self.reader.result(futs, self.order.chunk_rows(c)) for c, futs in data.items()]
-      data = {"rows": {n: np.concatenate([p[n] for p in parts]) for n in NAMES}}
+    if isinstance(data, dict):
+      data = [self.reader.result(futs, self.order.chunk_rows(c)) for c, futs in data.items()]
       self.windows[key] = data
-    return data["rows"]
+    return data
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    need = [(e, w) for e, w, _ in self._segments(step)]
+    segments = self._segments(step)
+    need = [(e, w) for e, w, _ in segments]
     ahead = {(e, w) for s in range(step, step + self.prefetch + 1)
              for e, w, _ in self._segments(s)}
     for key in sorted(ahead, key=lambda k: (k not in need, k)):
       self._issue(key)
     for key in [k for k in self.windows if k not in ahead]:
       del self.windows[key]  # no step from here on needs it
-    parts = [{n: self._window_data((e, w))[n][local] for n in NAMES}
-             for e, w, local in self._segments(step)]
-    return {n: np.concatenate([p[n] for p in parts]) for n in NAMES}
+    out, pos = None, 0
+    for e, w, local in segments:
+      chunks = self._chunks((e, w))
+      starts = np.cumsum([0] + [len(c["tokens"]) for c in chunks])
+      which = np.searchsorted(starts, local, side="right") - 1
+      if out is None:
+        out = {n: np.empty((self.per, *chunks[0][n].shape[1:]), chunks[0][n].dtype)
+               for n in NAMES}
+      for j in np.unique(which):  # copy only the rows this process needs, chunk by chunk
+        at = np.flatnonzero(which == j)
+        for n in NAMES:
+          out[n][pos + at] = chunks[j][n][local[at] - starts[j]]
+      pos += len(local)
+    return out

@@ -328,9 +328,9 @@ def build(spec: DataSpec, path: str, tok, *, rows_per_chunk: int, codec: str,
   p, P = jax.process_index(), jax.process_count()
   plist, empty_files = data.pieces(spec)
   _precheck(spec, plist)
-  old = cache.read_metadata(path, META)
-  new = settings(spec, rows_per_chunk, codec, old and old.get("files"), verify)
-  if p == 0:
+  if p == 0:  # the others need no fingerprint: hashing is done once
+    old = cache.read_metadata(path, META)
+    new = settings(spec, rows_per_chunk, codec, old and old.get("files"), verify)
     _start(path, new, overwrite, len(plist), empty_files)
   _barrier(f"tokens {path} started")
   meta = cache.read_metadata(path, META)

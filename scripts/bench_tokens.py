@@ -1,9 +1,10 @@
 """The tokens phase at scale: peak RSS and tokens/s on generated jsonl corpora.
 
-Usage: python scripts/bench_tokens.py [--gb 1,4] [--dir /tmp/bench_tokens] [--keep]
+Usage: python scripts/bench_tokens.py [--gb 1,4] [--tokenizer bpe|word] [--dir DIR] [--keep]
 Writes a jsonl corpus of each size under --dir (Zipf-distributed words, documents of 30 to
-1,500 words; a 64 MiB block of distinct lines repeated), trains a byte-level BPE tokenizer
-(vocab 8,192, like Qwen's byte-level BPE) on a sample, then measures in the same run:
+1,500 words; a 64 MiB block of distinct lines repeated), makes a tokenizer (`bpe`: byte-level
+BPE, vocab 8,192, trained on a sample, like Qwen's; `word`: one id per word, much faster, so
+the pipeline's own costs show), then measures in the same run:
   baseline   raw `tokenizers` `encode_batch_fast` over 64 MiB of the corpus's text already in
              memory (all cores), tokens/s;
   tokens     `moedistill.tokens.build` (the `--phase=tokens` code) over the whole corpus in a
@@ -60,10 +61,19 @@ def write_corpus(path: Path, gb: float, block: bytes):
       f.write(block)
 
 
-def train_tokenizer(block: bytes, out: Path):
+def make_tokenizer(block: bytes, out: Path, kind: str):
+  """`bpe`: byte-level BPE (vocab 8,192) trained on a sample; `word`: one id per word
+  (whitespace split), far faster, so the pipeline's own overhead shows."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
   texts = [json.loads(x)["text"] for x in block[:8 * 2**20].decode().splitlines()[:-1]]
+  if kind == "word":
+    words = sorted({w for t in texts for w in t.split()})
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+    return
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -103,13 +113,14 @@ def main():
   ap.add_argument("--gb", default="1,4")
   ap.add_argument("--dir", default="/tmp/bench_tokens")
   ap.add_argument("--keep", action="store_true")
+  ap.add_argument("--tokenizer", default="bpe", choices=["bpe", "word"])
   a = ap.parse_args()
   work = Path(a.dir)
   work.mkdir(parents=True, exist_ok=True)
   try:
     block = make_block()
-    train_tokenizer(block, work / "tok")
-    res = {"cpu_count": os.cpu_count(), "runs": [],
+    make_tokenizer(block, work / "tok", a.tokenizer)
+    res = {"cpu_count": os.cpu_count(), "tokenizer": a.tokenizer, "runs": [],
            "baseline_tokens_per_s": round(baseline(block, work / "tok"))}
     for gb in [float(x) for x in a.gb.split(",")]:
       corpus = work / f"corpus_{gb:g}gb.jsonl"
