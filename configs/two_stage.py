@@ -95,6 +95,8 @@ def get_config(arg: str = ""):
   c.train.alpha = 0.9                  # L = (1-alpha) CE + alpha T^2 KL
   c.train.temperature = 1.0            # must be one of cache.temperatures in bucket mode
   c.train.kd_mode = "bucket"           # bucket | renormalize | teacher_only
+  c.train.k = 0                        # teacher top-k the loss uses (0 = cache.k; a smaller
+                                       # k' emulates a top-k' cache exactly, see sweep)
   c.train.vocab_chunk = 4096           # vocab chunk of the fused loss (memory ~ tokens x chunk)
   c.train.lr = 3e-3                    # peak learning rate (x each group's multiplier)
   c.train.schedule = "cosine"          # cosine | linear | constant after warmup
@@ -116,14 +118,24 @@ def get_config(arg: str = ""):
   c.stages.all = _stage(120, [(".*embed.*", 0.0), (".*", 1.0)], lr=1e-3)
 
   if arg == "qwen3_30b_a3b":
+    # Sized for one 8x80 GB node by `python -m moedistill.plan` (README "Measured").
     c.teacher = "Qwen3-30B-A3B"        # set to the local directory of the hub checkpoint
     c.data.seq_len = 4096
     c.cache.k = 64
-    c.cache.rows_per_chunk = 16
+    c.cache.rows_per_chunk = 16        # teacher forward: 16 rows x 4096 tokens, 2 rows per device
     c.cache.chunks_per_step = 1
     c.model.dtype = "bfloat16"
+    c.model.remat = "full"             # save only each layer's input (bf16 [rows, 4096, 2048]);
+                                       # `none` keeps every MoE intermediate of 48 layers
+    c.model.scan_layers = True         # one scanned layer body: its buffers are reused by all
+                                       # 48 layers (unrolled, plan measures ~2 GiB more per
+                                       # layer) and the compile is ~48x smaller
+    c.mesh.data = 1                    # no pure data parallelism: it would replicate the
+    c.mesh.fsdp = 8                    # models; fsdp=8 splits params, Adam state and batch
     c.student.rank = 128
-    c.train.batch_size = 64
+    c.train.batch_size = 64            # 64 x 4096 = 262k tokens per optimizer step
+    c.train.micro_batches = 8          # 8 rows per micro-batch: 1 row (4k tokens) per device,
+                                       # the most micro-batches 64 rows allow on 8 batch shards
     c.train.lr = 1e-4
     c.stages.wrappers.steps = 2000
     c.stages.all.steps = 8000

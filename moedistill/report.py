@@ -26,7 +26,7 @@ def evaluate_path(job: Job, path, reader: CacheReader, mesh=None) -> dict:
   model, _ = hf.load_model(path, dtype=job.model.dtype, param_dtype=job.model.param_dtype,
                            moe_backend=job.model.moe_backend, attention=job.model.attention,
                            attention_block=job.model.attention_block,
-                           put=sharding.sharded_put(mesh))
+                           scan_layers=job.model.scan_layers, put=sharding.sharded_put(mesh))
   return evaluate_model(model, reader, temperature=temperature, mesh=mesh)
 
 
