@@ -125,7 +125,7 @@ def run_sweep(base, grid) -> dict:
   job0 = job_from_config(base)
   mesh = train.preflight(job0)
   train.ensure_caches(job0, mesh)
-  train.ensure_student(job0)
+  train.ensure_student(job0, mesh)
   reader = CacheReader(job0.cache_path("eval"))
   refs = {"teacher": evaluate_path(job0, job0.teacher, reader),
           "zero_shot": evaluate_path(job0, job0.student_init, reader)}
