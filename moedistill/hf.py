@@ -183,9 +183,8 @@ class LazyParam:
 
   def _read(self, e: Entry, idx) -> np.ndarray:
     f = self._by_key[e.hf_key]
-    if e.transpose:
-      return f.get_slice(e.hf_key, idx[::-1]).T.astype(self.dtype)
-    return f.get_slice(e.hf_key, idx).astype(self.dtype, copy=False)
+    a = f.get_slice(e.hf_key, idx[::-1] if e.transpose else idx)
+    return (a.T if e.transpose else a).astype(self.dtype, copy=False)  # a view when no cast
 
   def close(self):
     self._done = {}
