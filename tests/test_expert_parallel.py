@@ -30,7 +30,7 @@ def _cfg():
   return dataclasses.replace(tiny(), num_experts=8, num_experts_per_tok=3)
 
 
-def _block(cfg, kind: str, backend: str, uneven: bool):
+def _block(cfg, kind: str, backend: str, uneven: bool, capacity_factor: float | None = None):
   import jax.numpy as jnp
   from flax import nnx
   from moedistill.model.layers import Runtime
@@ -38,7 +38,7 @@ def _block(cfg, kind: str, backend: str, uneven: bool):
   from moedistill.model.shared_core import Compression, SharedCoreExperts
   # capacity: a factor of experts/k gives every expert room for every token (no drops), so the
   # layer equals one device; with drops, the capacity is per shard (see test_capacity_drops).
-  cf = cfg.num_experts / cfg.num_experts_per_tok if backend == "capacity" else 1.25
+  cf = capacity_factor or (cfg.num_experts / cfg.num_experts_per_tok)
   rt = Runtime(moe_backend=backend, capacity_factor=cf)
   rngs = nnx.Rngs(0)
   experts = (DenseExperts(cfg, rt, rngs) if kind == "dense"
@@ -128,6 +128,32 @@ def step_case(mesh_s: str) -> dict:
   return {**out, "ep_layers": len(calls)}
 
 
+def drops_case(mesh_s: str) -> dict:
+  """Capacity backend with drops (uneven routing, factor 1.25): under expert parallelism the
+  capacity is per batch shard, so the count must equal the one-device dispatch run on each
+  shard's tokens alone, summed."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from moedistill import sharding
+  from moedistill.model import moe
+  cfg = _cfg()
+  block = _block(cfg, "dense", "capacity", True, capacity_factor=1.25)
+  x, _ = _inputs(cfg, True)
+  shape = tuple(int(v) for v in mesh_s.split(","))
+  mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
+  graphdef, state = nnx.split(block)
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[2])(
+        state, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
+  want = 0
+  for rows in np.split(x, sharding.batch_divisor(mesh)):
+    _, w_tk, e_tk = moe.route(jnp.asarray(rows.reshape(-1, cfg.hidden_size)),
+                              block.gate.kernel[...], cfg.num_experts_per_tok, True)
+    want += int(moe.CapacityDispatch(e_tk, w_tk, cfg.num_experts, 1.25).dropped)
+  return {"got": int(got), "want": want}
+
+
 def bad_case(what: str) -> str:
   import jax
   import jax.numpy as jnp
@@ -160,6 +186,8 @@ if __name__ == "__main__":
       out[spec] = layer_case(args[0], args[1], args[2], args[3] == "uneven")
     elif kind == "step":
       out[spec] = step_case(args[0])
+    elif kind == "drops":
+      out[spec] = drops_case(args[0])
     else:
       out[spec] = bad_case(args[0])
   print(json.dumps(out))
@@ -176,7 +204,8 @@ def _run(*specs):
 
 LAYER_SPECS = ([f"layer:{m}:dense:ragged:uneven" for m in MESHES]
                + [f"layer:{m}:core:ragged:even" for m in MESHES]
-               + ["layer:2,1,4,1:core:ragged_vjp:uneven", "layer:1,1,4,2:dense:capacity:even",
+               + ["layer:1,1,8,1:dense:sorted:uneven", "layer:1,1,4,2:core:sorted:uneven",
+                  "layer:2,1,4,1:core:ragged_vjp:uneven", "layer:1,1,4,2:dense:capacity:even",
                   "layer:1,1,8,1:dense:capacity:uneven"])
 
 
@@ -211,6 +240,12 @@ def test_train_step_matches_one_device():
     # Adam's first step amplifies float32 reduction-order noise on near-zero grads (see
     # test_sharded_step.py): same tolerance as there.
     np.testing.assert_allclose(b["params"][k], a["params"][k], atol=5e-5, err_msg=k)
+
+
+def test_capacity_drops_counted_per_shard():
+  out = _run("drops:1,1,8,1", "drops:2,1,4,1")
+  for r in out.values():
+    assert r["want"] > 0 and r["got"] == r["want"], out
 
 
 def test_bad_layouts_refused_before_compiling():

@@ -174,7 +174,8 @@ def moe_block(mesh, block, x_btd):
     x_td = x_btd.reshape(b * s, d)
     logits_te, weights_tk, experts_tk = moe.route(x_td, _gather_fsdp(router_de, r_spec), k,
                                                   block.norm_topk)
-    local = [(p, v.replace(_varying(_gather_fsdp(a, sp))))
+    # Cast before the gather: bf16 compute moves half the bytes of the f32 params.
+    local = [(p, v.replace(_varying(_gather_fsdp(a.astype(rt.dtype), sp))))
              for (p, v), a, sp in zip(flat, values, w_specs)]
     experts = nnx.merge(graphdef, nnx.from_flat_state(local))
     dispatch = make_exchange(rt.moe_backend, experts_tk, weights_tk, e,

@@ -1,0 +1,129 @@
+"""FLOPs and collective bytes per device of the MoE layer (forward + backward), AOT-compiled on 8
+forced CPU devices at Qwen3-30B-A3B's expert widths, before (XLA's automatic partitioning,
+MOEDISTILL_EXPERT_PARALLEL=0) and after (shard_map expert parallelism), for data=8, fsdp=8 and
+expert=8 against one device's FLOPs / 8. Nothing runs: compile only, abstract inputs.
+
+  python scripts/bench_expert_parallel.py [--rows 8 --seq 512] [--kind dense|core]
+
+Collective bytes: the result shapes of every all-to-all / all-gather / reduce-scatter /
+all-reduce / collective-permute in the compiled (per-device) HLO, summed per kind. FLOPs:
+compiled.cost_analysis()["flops"] of the per-device program. On CPU, jax.lax.ragged_dot lowers
+to a dense masked matmul (every row times every local expert), so FLOPs count that lowering on
+one device and on each shard alike; the ratio is what says whether the work is divided.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import re  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from moedistill import sharding  # noqa: E402
+from moedistill.model import expert_parallel  # noqa: E402
+from moedistill.model.config import qwen3_30b_a3b  # noqa: E402
+from moedistill.model.layers import Runtime  # noqa: E402
+from moedistill.model.qwen3_moe import DenseExperts, MoeBlock  # noqa: E402
+from moedistill.model.shared_core import Compression, SharedCoreExperts  # noqa: E402
+
+COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+         "s64": 8, "u64": 8, "f64": 8}
+LAYOUTS = {"one device": (1, 1, 1, 1), "data=8": (8, 1, 1, 1), "fsdp=8": (1, 8, 1, 1),
+           "expert=8": (1, 1, 8, 1)}
+
+
+def _trivial_groups(line: str) -> bool:
+  """Replica groups of one device each (a psum over a size-1 mesh axis): no traffic."""
+  m = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
+  if m:
+    return all("," not in g for g in re.findall(r"\{([\d,]*)\}", m.group(1)))
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)  # iota form [groups, size]
+  return bool(m) and int(m.group(2)) == 1
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+  """Bytes of the results of each collective kind in an HLO module text (async pairs counted
+  once, at their -start; groups of one device skipped)."""
+  out = dict.fromkeys(COLLECTIVES, 0)
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?\S+ = (.+?) (all-to-all|all-gather|reduce-scatter|all-reduce|"
+                 r"collective-permute)(-start)?\(", line)
+    if not m or _trivial_groups(line):
+      continue
+    for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+      n = 1
+      for d in filter(None, dims.split(",")):
+        n *= int(d)
+      out[m.group(2)] += n * BYTES.get(dt, 4)
+  return out
+
+
+def compile_layer(cfg, kind: str, backend: str, mesh_shape, rows: int, seq: int, ep: bool):
+  os.environ[expert_parallel.SWITCH] = "1" if ep else "0"
+  rt = Runtime(moe_backend=backend)
+
+  def build():
+    rngs = nnx.Rngs(0)
+    experts = (DenseExperts(cfg, rt, rngs) if kind == "dense"
+               else SharedCoreExperts(cfg, Compression(128, 128, 128), rt, rngs))
+    return MoeBlock(cfg, rt, rngs, experts)
+
+  n = 1
+  for s in mesh_shape:
+    n *= s
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), jax.devices()[:n])
+  abstract = nnx.eval_shape(build)
+  graphdef, state = nnx.split(abstract)
+  state = jax.tree.map(
+      lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.param_sharding(
+          mesh, v.shape, v.get_metadata().get("logical_axes")))),
+      state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  x = jax.ShapeDtypeStruct((rows, seq, cfg.hidden_size), jnp.float32,
+                           sharding=sharding.batch_sharding(mesh, 3))
+
+  def loss(state, x):
+    y, logits, _ = nnx.merge(graphdef, state)(x)
+    return jnp.sum(y * y) + jnp.sum(logits)
+
+  fn = jax.jit(sharding.on_mesh(mesh, jax.grad(loss, argnums=(0, 1))))
+  return fn.lower(state, x).compile()
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--rows", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=512)
+  ap.add_argument("--kind", default="dense", choices=("dense", "core"))
+  ap.add_argument("--backend", default="sorted", choices=("sorted", "ragged", "capacity"))
+  ap.add_argument("--layouts", default="data=8,fsdp=8,expert=8", help="subset of LAYOUTS")
+  args = ap.parse_args()
+  cfg = dataclasses.replace(qwen3_30b_a3b(), num_hidden_layers=1)
+  print(f"MoE layer fwd+bwd, {args.kind} experts: hidden {cfg.hidden_size}, {cfg.num_experts} "
+        f"experts top-{cfg.num_experts_per_tok}, moe_intermediate {cfg.moe_intermediate_size}, "
+        f"{args.rows}x{args.seq} tokens, float32, {args.backend} backend (8 forced CPU devices)")
+  base = compile_layer(cfg, args.kind, args.backend, (1, 1, 1, 1), args.rows, args.seq, True)
+  base_flops = base.cost_analysis()["flops"]
+  print(f"one device: {base_flops / 1e12:.3f} TFLOP; ideal per device /8: "
+        f"{base_flops / 8e12:.4f} TFLOP", flush=True)
+  head = f"{'layout':10} {'EP':4} {'TFLOP/dev':>10} {'x ideal':>8}  " + "  ".join(
+      f"{c:>18}" for c in COLLECTIVES)
+  print(head + "   (collective MiB per device)")
+  for name in args.layouts.split(","):
+    shape = LAYOUTS[name]
+    for ep in (False, True):
+      c = compile_layer(cfg, args.kind, args.backend, shape, args.rows, args.seq, ep)
+      flops = c.cost_analysis()["flops"]
+      cb = collective_bytes(c.as_text())
+      print(f"{name:10} {'on' if ep else 'off':4} {flops / 1e12:10.3f} "
+            f"{flops / (base_flops / 8):8.2f}  " + "  ".join(f"{cb[k] / 2**20:18.1f}"
+                                                           for k in COLLECTIVES), flush=True)
+
+
+if __name__ == "__main__":
+  main()
