@@ -67,7 +67,7 @@ def get_config(arg: str = ""):
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "auto"               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
   c.model.param_dtype = "float32"      # parameter dtype
-  c.model.moe_backend = "auto"         # auto | ragged | capacity
+  c.model.moe_backend = "auto"         # auto (sorted on CPU) | sorted | ragged | capacity | mgpu
   c.model.capacity_factor = 1.25       # capacity backend only
   c.model.remat = "none"               # per decoder layer: none (save all) | full (save only
                                        # its input, recompute it) | dots (save projection
