@@ -23,8 +23,8 @@ def main(argv):
   st = {s.name: s for s in job.train.stages}
   print(json.dumps(dict(train=job.train_data.source, eval=job.eval_data.source,
                         hub=job.eval_data.hub_config, temps=job.cache.temperatures,
-                        groups=[list(map(list, [(g.pattern, g.lr_mult, g.weight_decay)
-                                                 for g in st["all"].groups]))],
+                        groups=[[g.pattern, g.lr_mult, g.weight_decay]
+                                for g in st["all"].groups],
                         lr=st["all"].lr, k=job.cache.k, order=[s.name for s in job.train.stages])))
 
 cli.run(main)
@@ -53,7 +53,7 @@ def test_overrides_of_lists_and_scalars_reach_the_job():
   assert job["train"] == ["/a.jsonl", "/b.jsonl"]
   assert job["eval"] == ["HuggingFaceFW/fineweb-edu"] and job["hub"] == "sample-10BT"
   assert job["temps"] == [1.0, 2.0, 4.0]
-  assert job["groups"] == [[[".*embed.*", 0.0, None], [".*", 1.0, 0.01]]]
+  assert job["groups"] == [[".*embed.*", 0.0, None], [".*", 1.0, 0.01]]
   assert job["lr"] == 0.5 and job["k"] == 7 and job["order"] == ["all"]
 
 
