@@ -62,12 +62,33 @@ def _inputs(cfg, uneven: bool, rows=8, seq=6):
   return x, ct
 
 
-def layer_case(mesh_s: str, kind: str, backend: str, uneven: bool) -> dict:
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+  """jax.lax.ragged_all_to_all's documented semantics from all_gather and a scatter, so the
+  GPU transport's offsets run (forward and backward) on CPU, where XLA lacks the op."""
+  import jax
+  import jax.numpy as jnp
+  del recv_sizes  # implied by the senders' sizes
+  me = jax.lax.axis_index(axis_name)
+  rows = jax.lax.all_gather(operand, axis_name)  # [n, M, w]
+  start, size, at = (jax.lax.all_gather(v, axis_name)[:, me]
+                     for v in (input_offsets, send_sizes, output_offsets))
+  r = jnp.arange(operand.shape[0])[None]
+  valid = (r >= start[:, None]) & (r < (start + size)[:, None])
+  target = jnp.where(valid, at[:, None] + r - start[:, None], output.shape[0])
+  return output.at[target.reshape(-1)].set(rows.reshape(-1, operand.shape[-1]), mode="drop")
+
+
+def layer_case(mesh_s: str, kind: str, backend: str, uneven: bool, transport="auto") -> dict:
   """Max |difference| to one device of y, router logits, dL/dx and dL/dW for each weight."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from moedistill import sharding
+  if transport == "ragged":
+    from moedistill.model import expert_parallel as EP
+    EP.ragged_transport = lambda: True
+    jax.lax.ragged_all_to_all = emulated_ragged_all_to_all
   cfg = _cfg()
   block = _block(cfg, kind, backend, uneven)
   graphdef, state = nnx.split(block)
@@ -183,7 +204,7 @@ if __name__ == "__main__":
   for spec in sys.argv[1:]:
     kind, *args = spec.split(":")
     if kind == "layer":
-      out[spec] = layer_case(args[0], args[1], args[2], args[3] == "uneven")
+      out[spec] = layer_case(args[0], args[1], args[2], args[3] == "uneven", *args[4:])
     elif kind == "step":
       out[spec] = step_case(args[0])
     elif kind == "drops":
@@ -246,6 +267,14 @@ def test_capacity_drops_counted_per_shard():
   out = _run("drops:1,1,8,1", "drops:2,1,4,1")
   for r in out.values():
     assert r["want"] > 0 and r["got"] == r["want"], out
+
+
+def test_ragged_all_to_all_transport_offsets():
+  """The GPU/TPU transport (ragged_all_to_all with exchanged offsets), emulated on CPU."""
+  specs = ["layer:1,1,8,1:dense:ragged:uneven:ragged", "layer:2,1,4,1:core:sorted:even:ragged"]
+  out = _run(*specs)
+  for spec in specs:
+    test_layer_matches_one_device(out, spec)
 
 
 def test_bad_layouts_refused_before_compiling():

@@ -60,6 +60,11 @@ def check(num_experts: int, mesh, rows: int | None = None):
                       "batch shards (data x fsdp x expert)")
 
 
+def ragged_transport() -> bool:
+  """jax.lax.ragged_all_to_all where XLA implements it (not XLA:CPU in jax 0.10)."""
+  return jax.default_backend() != "cpu"
+
+
 class RaggedExchange:
   """Dropless: sort locally, send each expert's copies to its device, regroup them there by
   local expert (padding rows get id el: past every group, so the grouped matmul skips them)."""
@@ -80,7 +85,7 @@ class RaggedExchange:
     local_sb = jnp.sum(jnp.arange(self.bound)[None, :, None] >= ends[:, None, :], axis=-1)
     ones = jnp.ones((n * self.bound, 1), jnp.float32)
     self.local = moe.make_dispatch(backend, local_sb.reshape(-1, 1).astype(jnp.int32), ones, el)
-    self.ragged = jax.default_backend() != "cpu"
+    self.ragged = ragged_transport()
     self.dropped = jnp.zeros((), jnp.int32)
 
   def _send(self, a_mw):
