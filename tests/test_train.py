@@ -1,6 +1,10 @@
 """Trainer end to end on a tiny teacher: frozen params stay bit-identical, a run killed with
 SIGKILL mid-stage and right after a stage boundary resumes to a bit-identical result, SIGTERM
-saves and exits 0."""
+saves and exits 0, a damaged newest checkpoint is retrained and replaced, a checkpoint of
+other param groups is refused (and restart_from starts a new workdir from it), and the
+renormalize / teacher_only modes and epoch-based stages lower the held-out KL."""
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import job_config, write_config_file
+from test_cache_bad_input import snapshot
 from moedistill import safetensors_io as st
 from moedistill.checkpoint import Checkpoints
 from moedistill.config import job_from_config
@@ -130,24 +135,102 @@ def test_sigterm_saves_and_exits_zero(tmp_path, reference):
   assert steps and 0 < steps[-1] < 40
 
 
-def test_truncated_latest_checkpoint_falls_back_with_warning(tmp_path, reference):
-  import shutil
+def _train_cli(cfg):
+  return subprocess.run([sys.executable, "-m", "moedistill.train", f"--config={cfg}"],
+                        capture_output=True, text=True, timeout=600)
+
+
+def _differing(a, b, select=lambda k: True):
+  got, want = tensors(Path(a) / "model.safetensors"), tensors(Path(b) / "model.safetensors")
+  assert got.keys() == want.keys()
+  return [k for k in want if select(k) and not np.array_equal(got[k], want[k])]
+
+
+def test_damaged_latest_checkpoint_is_retrained_replaced_then_silent(tmp_path, reference):
   ref_tmp, ref_job, ref_export = reference
   c = small(tmp_path, ref_tmp / "teacher")
   shutil.copytree(ref_job.workdir, c.workdir)
+  work = Path(c.workdir)
   for p in ("export", "report.json"):
-    shutil.rmtree(Path(c.workdir) / p, ignore_errors=True)
-  latest = max(int(p.name) for p in (Path(c.workdir) / "checkpoints").iterdir()
-               if p.name.isdigit())
-  for f in (Path(c.workdir) / "checkpoints" / str(latest) / "state").rglob("*"):
+    shutil.rmtree(work / p, ignore_errors=True)
+  latest = max(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+  for f in (work / "checkpoints" / str(latest) / "state").rglob("*"):
     if f.is_file():
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a crash mid-write
   cfg = write_config_file(tmp_path, c)
-  r = subprocess.run([sys.executable, "-m", "moedistill.train", f"--config={cfg}"],
-                     capture_output=True, text=True, timeout=600)
+  r = _train_cli(cfg)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"checkpoints/{latest} is unreadable" in r.stderr
-  got, want = tensors(Path(c.workdir) / "export" / "model.safetensors"), tensors(
-      ref_export / "model.safetensors")
-  for k in want:
-    assert np.array_equal(got[k], want[k]), k
+  assert not _differing(work / "export", ref_export)  # bit-identical
+  trained = (work / "metrics.jsonl").read_text()
+  # The retrained step replaced the damaged one: the next run warns of nothing, trains nothing.
+  r = _train_cli(cfg)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "warning" not in r.stderr and "unreadable" not in r.stderr, r.stderr[-3000:]
+  assert f"resumed from {work / 'checkpoints' / str(latest)} " in r.stdout
+  assert (work / "metrics.jsonl").read_text() == trained
+  assert not _differing(work / "export", ref_export)
+
+
+def test_changed_groups_are_refused_then_restart_from_starts_a_new_workdir(tmp_path, reference):
+  ref_tmp, ref_job, ref_export = reference
+  c = small(tmp_path, ref_tmp / "teacher")
+  shutil.copytree(ref_job.workdir, c.workdir)
+  work = Path(c.workdir)
+  c.stages.all.groups = [(".*wrapper.*", 0.0), (".*embed.*", 0.0), (".*", 1.0)]
+  before = snapshot(work)
+  r = _train_cli(write_config_file(tmp_path, c))
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+  ckpt = work / "checkpoints" / "10"
+  assert len(errors) == 1 and errors[0].startswith(
+      f"error: checkpoint {ckpt} does not match the config (it holds "), r.stderr[-3000:]
+  assert f"--config.train.restart_from={ckpt} " in errors[0]
+  assert snapshot(work) == before  # nothing written, nothing deleted
+  # As the line says: a new workdir that starts from that checkpoint's params.
+  c.workdir = str(tmp_path / "run2")
+  c.train.restart_from = str(ckpt)
+  c.cache.path, c.student.init_from = str(work / "cache"), str(work / "student_init")
+  c.stage_order, c.stages.all.steps = "all", 2
+  r = _train_cli(write_config_file(tmp_path, c, "restart.py"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"starting from the params of {ckpt}" in r.stdout
+  export = tmp_path / "run2" / "export"
+  assert not _differing(export, ref_export, lambda k: "wrapper" in k)  # frozen, from ckpt 10
+  assert _differing(export, ref_export, lambda k: "q_proj" in k)  # trained on
+
+
+@pytest.fixture(scope="module")
+def demo_shared(tmp_path_factory):
+  """Cache and zero-shot student paths for the embedded (trained) teacher, built by whichever
+  test below runs first: a random tiny teacher is near-uniform, its KL has nowhere to go."""
+  tmp = tmp_path_factory.mktemp("demo_shared")
+  return str(tmp / "cache"), str(tmp / "student_init")
+
+
+@pytest.mark.parametrize("mode, epochs", [("renormalize", 1.0), ("teacher_only", 0.0)])
+def test_kd_modes_and_epoch_stages_lower_held_out_kl(tmp_path, demo_shared, mode, epochs):
+  import math
+
+  import moedistill
+  from moedistill.cache import CacheReader
+  from moedistill.report import evaluate_path
+  c = job_config(tmp_path, "unused")
+  assets = Path(moedistill.__file__).parent / "assets"
+  c.teacher = str(assets / "tiny_teacher")
+  c.data.train.source = [str(assets / "corpus" / "train.jsonl")]
+  c.data.eval.source = [str(assets / "corpus" / "heldout.jsonl")]
+  c.data.seq_len, c.data.train.max_rows, c.data.eval.max_rows = 32, 64, 16
+  c.cache.path, c.student.init_from = demo_shared
+  c.train.kd_mode, c.train.warmup_steps, c.train.batch_size = mode, 0, 8
+  c.train.log_every = 1
+  c.stage_order = "all"
+  c.stages.all.steps, c.stages.all.epochs, c.stages.all.lr = (0 if epochs else 8), epochs, 3e-3
+  job = job_from_config(c)
+  export = train(job, progress=False)
+  rows = CacheReader(job.cache_path("train")).rows
+  steps = [json.loads(line)["step"] for line in open(Path(job.workdir) / "metrics.jsonl")]
+  assert steps == list(range(1, (math.ceil(epochs * rows / 8) if epochs else 8) + 1))
+  held_out = CacheReader(job.cache_path("eval"))
+  kl = [evaluate_path(job, p, held_out)["kl"] for p in (job.student_init, export)]
+  assert kl[1] < 0.8 * kl[0], kl
