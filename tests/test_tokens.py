@@ -139,14 +139,15 @@ def test_two_processes_equal_one(tmp_path, teacher_dir):
 
 
 def test_sigkill_resumes_bit_identically(tmp_path, teacher_dir):
-  c, files = corpus_config(tmp_path, teacher_dir[0], n_files=4, docs=1500, block=512)
+  c, files = corpus_config(tmp_path, teacher_dir[0], n_files=3, docs=800, block=512)
+  c.cache.rows_per_chunk = 8
   cfg = write_config_file(tmp_path, c)
   store = tmp_path / "run" / "cache" / "train"
   progress = lambda: len(list(store.glob("staging/*.json"))) + len(  # noqa: E731
       list(store.glob("tokens_done/c/*")))
   rng, seen, killed = np.random.default_rng(1), [], 0
-  for _ in range(3):  # kill at seeded random points of progress
-    target = progress() + int(rng.integers(20, 120))
+  for _ in range(2):  # kill at seeded random points of progress
+    target = progress() + int(rng.integers(20, 100))
     p = subprocess.Popen([sys.executable, "-m", "moedistill.cache_logits", f"--config={cfg}",
                           "--split=train", "--phase=tokens"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE)
@@ -160,7 +161,7 @@ def test_sigkill_resumes_bit_identically(tmp_path, teacher_dir):
   r = run_cli("moedistill.cache_logits", f"--config={cfg}", "--split=train", "--phase=tokens")
   assert r.returncode == 0, r.stderr[-2000:]
   print("staged pieces + assembled chunks after each kill:", seen)
-  assert killed == 3 and 0 < seen[0] < seen[-1], seen
+  assert killed == 2 and 0 < seen[0] < seen[-1], seen
   meta, t, s = read_tokens(str(store))
   ref_t, ref_s = reference_rows(files, str(teacher_dir[0]), 512)
   np.testing.assert_array_equal(t, ref_t)
