@@ -4,6 +4,7 @@ MOEDISTILL_EXPERT_PARALLEL=0) and after (shard_map expert parallelism), for data
 expert=8 against one device's FLOPs / 8. Nothing runs: compile only, abstract inputs.
 
   python scripts/bench_expert_parallel.py [--rows 8 --seq 512] [--kind dense|core]
+      [--backend sorted|ragged|capacity] [--ep_capacity_factor F] [--layouts expert=8,...]
 
 Collective bytes: the result shapes of every all-to-all / all-gather / reduce-scatter /
 all-reduce / collective-permute in the compiled (per-device) HLO, summed per kind. FLOPs:
@@ -64,9 +65,10 @@ def collective_bytes(hlo: str) -> dict[str, int]:
   return out
 
 
-def compile_layer(cfg, kind: str, backend: str, mesh_shape, rows: int, seq: int, ep: bool):
+def compile_layer(cfg, kind: str, backend: str, mesh_shape, rows: int, seq: int, ep: bool,
+                  ep_capacity_factor: float = 0.0):
   os.environ[expert_parallel.SWITCH] = "1" if ep else "0"
-  rt = Runtime(moe_backend=backend)
+  rt = Runtime(moe_backend=backend, ep_capacity_factor=ep_capacity_factor)
 
   def build():
     rngs = nnx.Rngs(0)
@@ -101,12 +103,15 @@ def main():
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--kind", default="dense", choices=("dense", "core"))
   ap.add_argument("--backend", default="sorted", choices=("sorted", "ragged", "capacity"))
+  ap.add_argument("--ep_capacity_factor", type=float, default=0.0,
+                  help="dropless backends: bounded all-to-all buffers (0: worst case)")
   ap.add_argument("--layouts", default="data=8,fsdp=8,expert=8", help="subset of LAYOUTS")
   args = ap.parse_args()
   cfg = dataclasses.replace(qwen3_30b_a3b(), num_hidden_layers=1)
   print(f"MoE layer fwd+bwd, {args.kind} experts: hidden {cfg.hidden_size}, {cfg.num_experts} "
         f"experts top-{cfg.num_experts_per_tok}, moe_intermediate {cfg.moe_intermediate_size}, "
-        f"{args.rows}x{args.seq} tokens, float32, {args.backend} backend (8 forced CPU devices)")
+        f"{args.rows}x{args.seq} tokens, float32, {args.backend} backend, ep_capacity_factor "
+        f"{args.ep_capacity_factor} (8 forced CPU devices)")
   base = compile_layer(cfg, args.kind, args.backend, (1, 1, 1, 1), args.rows, args.seq, True)
   base_flops = base.cost_analysis()["flops"]
   print(f"one device: {base_flops / 1e12:.3f} TFLOP; ideal per device /8: "
@@ -117,7 +122,8 @@ def main():
   for name in args.layouts.split(","):
     shape = LAYOUTS[name]
     for ep in (False, True):
-      c = compile_layer(cfg, args.kind, args.backend, shape, args.rows, args.seq, ep)
+      c = compile_layer(cfg, args.kind, args.backend, shape, args.rows, args.seq, ep,
+                        args.ep_capacity_factor)
       flops = c.cost_analysis()["flops"]
       cb = collective_bytes(c.as_text())
       print(f"{name:10} {'on' if ep else 'off':4} {flops / 1e12:10.3f} "

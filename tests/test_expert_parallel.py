@@ -30,7 +30,8 @@ def _cfg():
   return dataclasses.replace(tiny(), num_experts=8, num_experts_per_tok=3)
 
 
-def _block(cfg, kind: str, backend: str, uneven: bool, capacity_factor: float | None = None):
+def _block(cfg, kind: str, backend: str, uneven: bool, capacity_factor: float | None = None,
+           ep_capacity_factor: float = 0.0):
   import jax.numpy as jnp
   from flax import nnx
   from moedistill.model.layers import Runtime
@@ -39,7 +40,7 @@ def _block(cfg, kind: str, backend: str, uneven: bool, capacity_factor: float | 
   # capacity: a factor of experts/k gives every expert room for every token (no drops), so the
   # layer equals one device; with drops, the capacity is per shard (see test_capacity_drops).
   cf = capacity_factor or (cfg.num_experts / cfg.num_experts_per_tok)
-  rt = Runtime(moe_backend=backend, capacity_factor=cf)
+  rt = Runtime(moe_backend=backend, capacity_factor=cf, ep_capacity_factor=ep_capacity_factor)
   rngs = nnx.Rngs(0)
   experts = (DenseExperts(cfg, rt, rngs) if kind == "dense"
              else SharedCoreExperts(cfg, Compression(5, 4, 3), rt, rngs))
@@ -175,6 +176,47 @@ def drops_case(mesh_s: str) -> dict:
   return {"got": int(got), "want": want}
 
 
+def bounded_case(mesh_s: str) -> dict:
+  """Dropless backend with bounded all-to-all buffers (ep_capacity_factor=1, uneven routing):
+  per shard and destination device, the copies past B = ceil(t*k/n) drop; count them in numpy."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from moedistill import sharding
+  from moedistill.model import moe
+  cfg = _cfg()
+  block = _block(cfg, "dense", "sorted", True, ep_capacity_factor=1.0)
+  x, _ = _inputs(cfg, True)
+  shape = tuple(int(v) for v in mesh_s.split(","))
+  mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
+  graphdef, state = nnx.split(block)
+  with jax.set_mesh(mesh):
+    y, _, got = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(
+        state, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
+  n, k, want, y_ref = shape[2], cfg.num_experts_per_tok, 0, []
+  w = {p: np.asarray(getattr(block.experts, f"{p}_proj")[...]) for p in ("gate", "up", "down")}
+  for rows in np.split(x, sharding.batch_divisor(mesh)):
+    x_td = rows.reshape(-1, cfg.hidden_size)
+    _, wt_tk, e_tk = (np.asarray(a) for a in moe.route(jnp.asarray(x_td),
+                                                         block.gate.kernel[...], k, True))
+    bound = -(-e_tk.shape[0] * k // n)
+    flat = e_tk.ravel()
+    order = np.argsort(flat, kind="stable")  # the kept copies: each destination's first B
+    dest = flat[order] // (cfg.num_experts // n)
+    rank = np.arange(flat.size) - np.searchsorted(dest, dest)
+    keep = np.ones(flat.size, bool)
+    keep[order[rank >= bound]] = False
+    want += int((~keep).sum())
+    wt_tk = wt_tk * keep.reshape(e_tk.shape)
+    h = [(lambda g, u: g / (1 + np.exp(-g)) * u)(x_td @ w["gate"][e], x_td @ w["up"][e])
+         @ w["down"][e] for e in range(cfg.num_experts)]
+    y_ref.append(sum(wt_tk[:, j, None] * np.stack(h)[e_tk[:, j], np.arange(len(x_td))]
+                     for j in range(k)))
+  y_err = float(np.max(np.abs(np.asarray(y).reshape(-1, cfg.hidden_size)
+                              - np.concatenate(y_ref)))) / float(np.max(np.abs(y_ref)))
+  return {"got": int(got), "want": want, "y_err": y_err}
+
+
 def bad_case(what: str) -> str:
   import jax
   import jax.numpy as jnp
@@ -185,9 +227,9 @@ def bad_case(what: str) -> str:
   if what == "experts":
     import dataclasses
     cfg = dataclasses.replace(cfg, num_experts=6)
-  block = _block(cfg, "dense", "ragged", False)
+  block = _block(cfg, "dense", "ragged", False, ep_capacity_factor=0.5 if what == "ep" else 0.0)
   mesh = sharding.make_mesh(sharding.MeshConfig(2, 1, 4, 1))
-  rows = 8 if what == "experts" else 6
+  rows = 6 if what == "rows" else 8
   x = jnp.zeros((rows, 4, cfg.hidden_size))
   graphdef, state = nnx.split(block)
   try:
@@ -209,6 +251,8 @@ if __name__ == "__main__":
       out[spec] = step_case(args[0])
     elif kind == "drops":
       out[spec] = drops_case(args[0])
+    elif kind == "bounded":
+      out[spec] = bounded_case(args[0])
     else:
       out[spec] = bad_case(args[0])
   print(json.dumps(out))
@@ -264,9 +308,10 @@ def test_train_step_matches_one_device():
 
 
 def test_capacity_drops_counted_per_shard():
-  out = _run("drops:1,1,8,1", "drops:2,1,4,1")
+  out = _run("drops:1,1,8,1", "drops:2,1,4,1", "bounded:1,1,8,1", "bounded:2,1,4,1")
   for r in out.values():
     assert r["want"] > 0 and r["got"] == r["want"], out
+    assert r.get("y_err", 0.0) < 1e-5, out  # dropped copies add nothing, the rest are exact
 
 
 def test_ragged_all_to_all_transport_offsets():
@@ -278,6 +323,7 @@ def test_ragged_all_to_all_transport_offsets():
 
 
 def test_bad_layouts_refused_before_compiling():
-  out = _run("bad:experts", "bad:rows")
+  out = _run("bad:experts", "bad:rows", "bad:ep")
+  assert out["bad:ep"].startswith("ep_capacity_factor=0.5: expected 0 (dropless) or >= 1")
   assert out["bad:experts"] == "mesh.expert=4: expected a divisor of num_experts=6"
   assert out["bad:rows"].startswith("MoE batch of 6 rows: expected a multiple of the mesh's 8")

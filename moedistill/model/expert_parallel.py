@@ -22,6 +22,7 @@ With no mesh, a one-device mesh, or MOEDISTILL_EXPERT_PARALLEL=0 (automatic part
 """
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -47,8 +48,12 @@ def active_mesh():
   return mesh
 
 
-def check(num_experts: int, mesh, rows: int | None = None):
+def check(num_experts: int, mesh, rows: int | None = None, ep_capacity_factor: float = 0.0):
   """Bad layouts, one line each, before anything compiles."""
+  f = ep_capacity_factor
+  if f < 0 or 0 < f < 1:
+    raise ConfigError(f"ep_capacity_factor={f}: expected 0 (dropless) or >= 1 (buffers of that "
+                      "many even shares; below 1 copies drop even when routing is even)")
   n = mesh.shape[AXIS]
   if num_experts % n:
     raise ConfigError(f"mesh.expert={n}: expected a divisor of num_experts={num_experts}")
@@ -66,27 +71,34 @@ def ragged_transport() -> bool:
 
 
 class RaggedExchange:
-  """Dropless: sort locally, send each expert's copies to its device, regroup them there by
-  local expert (padding rows get id el: past every group, so the grouped matmul skips them)."""
+  """Sort locally, send each expert's copies to its device, regroup them there by local expert
+  (padding rows get id el: past every group, so the grouped matmul skips them). Buffers of
+  B = t*min(k, el) rows per destination never drop; `ep_capacity_factor` f > 0 bounds B at
+  ceil(f*t*k/n): a destination's copies past B (its last experts') drop and are counted."""
 
-  def __init__(self, experts_tk, weights_tk, num_experts: int, n: int, backend: str):
+  def __init__(self, experts_tk, weights_tk, num_experts: int, n: int, backend: str,
+               ep_capacity_factor: float = 0.0):
     t, k = experts_tk.shape
     el = num_experts // n
     self.outer = moe.RaggedDispatch(experts_tk, weights_tk, num_experts)  # sort, unsort, sum
     counts_ne = self.outer.group_sizes.reshape(n, el)
-    self.send_n = counts_ne.sum(1)
-    self.start_n = jnp.cumsum(self.send_n) - self.send_n
-    self.n, self.bound, self.m = n, t * min(k, el), t * k
+    self.n, self.m, self.bound = n, t * k, t * min(k, el)
+    if ep_capacity_factor:
+      self.bound = min(self.bound, math.ceil(ep_capacity_factor * t * k / n))
+    sent_n = counts_ne.sum(1)
+    self.start_n = jnp.cumsum(sent_n) - sent_n
+    self.send_n = jnp.minimum(sent_n, self.bound)
     dest_m = jnp.sort(experts_tk.reshape(-1)) // el
-    self.slot_m = dest_m * self.bound + jnp.arange(self.m) - self.start_n[dest_m]
+    pos_m = jnp.arange(self.m) - self.start_n[dest_m]
+    self.slot_m = jnp.where(pos_m < self.bound, dest_m * self.bound + pos_m, n * self.bound)
+    self.dropped = jnp.sum(pos_m >= self.bound).astype(jnp.int32)
     recv_ne = jax.lax.all_to_all(counts_ne, AXIS, 0, 0)  # row s: copies source s sends me
-    self.recv_n = recv_ne.sum(1)
+    self.recv_n = jnp.minimum(recv_ne.sum(1), self.bound)
     ends = jnp.cumsum(recv_ne, axis=1)
     local_sb = jnp.sum(jnp.arange(self.bound)[None, :, None] >= ends[:, None, :], axis=-1)
     ones = jnp.ones((n * self.bound, 1), jnp.float32)
     self.local = moe.make_dispatch(backend, local_sb.reshape(-1, 1).astype(jnp.int32), ones, el)
     self.ragged = ragged_transport()
-    self.dropped = jnp.zeros((), jnp.int32)
 
   def _send(self, a_mw):
     """Sorted local copies [m, w] -> received rows [n*B, w], source s at rows s*B.."""
@@ -96,7 +108,7 @@ class RaggedExchange:
       where = jnp.full((self.n,), me * self.bound, jnp.int32)
       return jax.lax.ragged_all_to_all(a_mw, out, self.start_n, self.send_n, where, self.recv_n,
                                        axis_name=AXIS)
-    buf = out.at[self.slot_m].set(a_mw).reshape(self.n, self.bound, -1)
+    buf = out.at[self.slot_m].set(a_mw, mode="drop").reshape(self.n, self.bound, -1)
     return jax.lax.all_to_all(buf, AXIS, 0, 0).reshape(self.n * self.bound, -1)
 
   def _return(self, y_rw):
@@ -108,7 +120,7 @@ class RaggedExchange:
       return jax.lax.ragged_all_to_all(y_rw, out, offs, self.recv_n, back_at, self.send_n,
                                        axis_name=AXIS)
     back = jax.lax.all_to_all(y_rw.reshape(self.n, self.bound, -1), AXIS, 0, 0)
-    return back.reshape(self.n * self.bound, -1)[self.slot_m]
+    return back.reshape(self.n * self.bound, -1).at[self.slot_m].get(mode="fill", fill_value=0)
 
   def expand(self, a_td):
     return self.local.expand(self._send(self.outer.expand(a_td)))
@@ -137,13 +149,14 @@ class CapacityExchange:
     return self.inner.combine(jax.lax.all_to_all(y_g, AXIS, 1, 0, tiled=True))
 
 
-def make_exchange(backend: str, experts_tk, weights_tk, num_experts: int, n: int,
-                  capacity_factor: float):
+def make_exchange(rt, experts_tk, weights_tk, num_experts: int, n: int):
   if n == 1:  # data / fsdp / tensor only: every device holds every expert
-    return moe.make_dispatch(backend, experts_tk, weights_tk, num_experts, capacity_factor)
-  if backend == "capacity":
-    return CapacityExchange(experts_tk, weights_tk, num_experts, n, capacity_factor)
-  return RaggedExchange(experts_tk, weights_tk, num_experts, n, backend)
+    return moe.make_dispatch(rt.moe_backend, experts_tk, weights_tk, num_experts,
+                             rt.capacity_factor)
+  if rt.moe_backend == "capacity":
+    return CapacityExchange(experts_tk, weights_tk, num_experts, n, rt.capacity_factor)
+  return RaggedExchange(experts_tk, weights_tk, num_experts, n, rt.moe_backend,
+                        rt.ep_capacity_factor)
 
 
 def _gather_fsdp(x, spec: P):
@@ -163,7 +176,7 @@ def _varying(w):
 
 def moe_block(mesh, block, x_btd):
   """MoeBlock.__call__ under shard_map: (y_btd, router_logits_bte f32, dropped copies)."""
-  check(block.e, mesh, x_btd.shape[0])
+  check(block.e, mesh, x_btd.shape[0], block.rt.ep_capacity_factor)
   graphdef, state = nnx.split(block.experts)
   flat = list(nnx.to_flat_state(state))
   w_specs = [spec_for(v.get_value().shape, v.get_metadata().get("logical_axes"), mesh)
@@ -183,8 +196,7 @@ def moe_block(mesh, block, x_btd):
     local = [(p, v.replace(_varying(_gather_fsdp(a.astype(rt.dtype), sp))))
              for (p, v), a, sp in zip(flat, values, w_specs)]
     experts = nnx.merge(graphdef, nnx.from_flat_state(local))
-    dispatch = make_exchange(rt.moe_backend, experts_tk, weights_tk, e,
-                             jax.lax.axis_size(AXIS), rt.capacity_factor)
+    dispatch = make_exchange(rt, experts_tk, weights_tk, e, jax.lax.axis_size(AXIS))
     y_td = experts(dispatch, x_td)
     if tensor_split:  # each device holds a slice of the intermediate dim: partial sums
       y_td = jax.lax.psum(y_td, "tensor")

@@ -20,6 +20,9 @@ class Runtime:
   param_dtype: jnp.dtype = jnp.float32
   moe_backend: str = "ragged"
   capacity_factor: float = 1.25
+  # Expert parallelism with a dropless backend: all-to-all buffer per destination, in multiples
+  # of the even share (tokens * k / expert axis); 0 = the worst case, nothing ever drops.
+  ep_capacity_factor: float = 0.0
   remat: str = "none"  # a REMAT_POLICIES key: what each decoder layer saves for the backward
   attention: str = "auto"  # auto | plain | blocked | cudnn (moedistill.model.attention)
   attention_block: int = 512  # query and key block of blocked attention; auto blocks longer rows
