@@ -69,6 +69,9 @@ def get_config(arg: str = ""):
   c.model.param_dtype = "float32"      # parameter dtype
   c.model.moe_backend = "auto"         # auto (sorted on CPU) | sorted | ragged | capacity | mgpu
   c.model.capacity_factor = 1.25       # capacity backend only
+  c.model.ep_capacity_factor = 0.0     # mesh.expert > 1 with a dropless backend: all-to-all
+                                       # buffers in even shares; 0 = worst case (never drops),
+                                       # >= 1 bounds them, overflow dropped and counted
   c.model.remat = "none"               # per decoder layer: none (save all) | full (save only
                                        # its input, recompute it) | dots (save projection
                                        # matmul outputs, recompute the rest)

@@ -189,6 +189,7 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None, tea
                                attention=job.model.attention,
                                attention_block=job.model.attention_block,
                                scan_layers=job.model.scan_layers,
+                               ep_capacity_factor=job.model.ep_capacity_factor,
                                put=sharding.sharded_put(mesh))
   fwd = make_forward(teacher, mesh, job)
   stats = _write_pending(job, meta, arrays, fwd, mesh, path, progress and p == 0)

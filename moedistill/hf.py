@@ -110,7 +110,7 @@ def open_checkpoint(path) -> tuple[dict[str, st.SafetensorsFile], dict]:
 
 def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend="ragged",
                capacity_factor=1.25, remat="none", attention="auto", attention_block=512,
-               scan_layers=False, put: Callable | None = None):
+               scan_layers=False, ep_capacity_factor=0.0, put: Callable | None = None):
   """Returns (model, config). `put(abstract_var, src) -> jax.Array` places each param, where
   `src` is a LazyParam (`.shape`, `.dtype`, `src[idx]` reads only that slice from the files);
   default: the whole param on the default device. moedistill.sharding.sharded_put(mesh) reads
@@ -121,7 +121,8 @@ def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend=
   comp = Compression.from_dict(raw["compression"], source) if raw.get("compression") else None
   rt = Runtime(dtype=dtype, param_dtype=param_dtype, moe_backend=moe.resolve_backend(moe_backend),
                capacity_factor=capacity_factor, remat=remat, attention=attention,
-               attention_block=attention_block, scan_layers=scan_layers)
+               attention_block=attention_block, scan_layers=scan_layers,
+               ep_capacity_factor=ep_capacity_factor)
   abstract = nnx.eval_shape(
       lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=rt, compression=comp))
   graphdef, state = nnx.split(abstract)

@@ -111,7 +111,8 @@ def runtime(job: Job) -> Runtime:
   return Runtime(dtype=m.dtype, param_dtype=m.param_dtype,
                  moe_backend=moe.resolve_backend(m.moe_backend),
                  capacity_factor=m.capacity_factor, remat=m.remat, attention=m.attention,
-                 attention_block=m.attention_block, scan_layers=m.scan_layers)
+                 attention_block=m.attention_block, scan_layers=m.scan_layers,
+                 ep_capacity_factor=m.ep_capacity_factor)
 
 
 def abstract_model(cfg: ModelConfig, rt: Runtime, comp: Compression | None, mesh):
