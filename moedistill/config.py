@@ -95,6 +95,7 @@ class ModelRuntimeConfig:
   attention: str         # auto | plain | blocked | cudnn (moedistill.model.attention)
   attention_block: int   # query/key block of blocked attention; auto blocks longer rows
   scan_layers: bool = False  # lax.scan over the decoder layers (param paths unchanged)
+  ep_capacity_factor: float = 0.0  # expert-parallel buffers, dropless backends (0: never drop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +234,13 @@ def _train(c) -> TrainConfig:
                      stages=stages, restart_from=t.get("restart_from") or "")
 
 
+def _ep_capacity_factor(m) -> float:
+  f = float(m.get("ep_capacity_factor", 0.0) or 0.0)
+  _check(f == 0 or f >= 1, f"config.model.ep_capacity_factor={f}: expected 0 (dropless) or "
+         ">= 1 (buffers of that many even shares; below 1 copies drop even when routing is even)")
+  return f
+
+
 def job_from_config(c) -> Job:
   teacher = os.path.expanduser(c.teacher)
   tokenizer = c.data.tokenizer or teacher
@@ -253,7 +261,8 @@ def job_from_config(c) -> Job:
                                attention_block=_positive(m.attention_block,
                                                          "model.attention_block"),
                                scan_layers=_bool(m.get("scan_layers", False),
-                                                 "model.scan_layers")),
+                                                 "model.scan_layers"),
+                               ep_capacity_factor=_ep_capacity_factor(m)),
       mesh=MeshConfig(**{a: c.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}),
       student_init=st.init_from or str(Path(c.workdir, "student_init")), ranks=ranks,
       train=_train(c))

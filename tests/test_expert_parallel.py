@@ -327,3 +327,18 @@ def test_bad_layouts_refused_before_compiling():
   assert out["bad:ep"].startswith("ep_capacity_factor=0.5: expected 0 (dropless) or >= 1")
   assert out["bad:experts"] == "mesh.expert=4: expected a divisor of num_experts=6"
   assert out["bad:rows"].startswith("MoE batch of 6 rows: expected a multiple of the mesh's 8")
+
+
+def test_config_ep_capacity_factor_below_one_refused():
+  import importlib.util
+  from moedistill.config import job_from_config
+  from moedistill.errors import ConfigError
+  spec = importlib.util.spec_from_file_location(
+      "two_stage", pathlib.Path(__file__).parent.parent / "configs" / "two_stage.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  assert job_from_config(c).model.ep_capacity_factor == 0.0  # default: dropless
+  c.model.ep_capacity_factor = 0.5
+  with pytest.raises(ConfigError, match=r"^config.model.ep_capacity_factor=0.5: expected 0 "):
+    job_from_config(c)
