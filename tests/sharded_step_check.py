@@ -1,5 +1,5 @@
-"""Run as a script under 8 forced CPU devices: one train step of a tiny student on several
-meshes and with micro-batches; prints JSON of losses and param checksums for the test."""
+"""Run as a script under 8 forced CPU devices: one SGD train step of a tiny student on several
+meshes and with micro-batches; prints JSON of losses and every value of every updated param."""
 import json
 import os
 import sys
@@ -11,6 +11,7 @@ if __name__ == "__main__":  # only as a script: an import must not leak 8 device
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from moedistill import optim, param_tree as P, sharding  # noqa: E402
@@ -47,7 +48,10 @@ def run(mesh_shape, micro, aux_coef):
                 2.0, 0)
   tc = TrainConfig(8, micro, "bucket", 32, "constant", 0.1, 0.01, 1.0, 0.9, 0.99, 10, 2, 1,
                    (stage,))
-  tx, paths, _ = optim.build(stage, tc, {k: v.shape for k, v in params.items()}, 3)
+  _, paths, _ = optim.build(stage, tc, {k: v.shape for k, v in params.items()}, 3)
+  # Plain SGD: the update is the gradient itself, so any wrong gradient shows in the params,
+  # even a wrong scale, which Adam's first step (~lr*sign(g)) would hide.
+  tx = optax.sgd(1e-2)
   tr = {k: v for k, v in params.items() if k in paths}
   fr = {k: v for k, v in params.items() if k not in paths}
   sc = StepConfig(0.5, 2.0, "bucket", 1, 32, micro, aux_coef, cfg.num_experts_per_tok)
@@ -58,7 +62,8 @@ def run(mesh_shape, micro, aux_coef):
   for _ in range(1):
     tr, opt, m = step(tr, fr, opt, b)
     losses += [float(m["loss"]), float(m["grad_norm"]), float(m["kl"])]
-  return {"losses": losses, "params": {k: np.asarray(v).ravel()[:50].tolist() for k, v in tr.items()}}
+  return {"losses": losses, "params": {k: np.asarray(v).ravel().tolist() for k, v in tr.items()},
+          "sizes": {k: int(v.size) for k, v in tr.items()}}
 
 
 if __name__ == "__main__":
