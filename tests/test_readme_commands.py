@@ -65,7 +65,7 @@ def qwen3_30b_a3b_dir(tmp_path) -> Path:
   """Qwen3-30B-A3B's config.json (the hub's values), written by transformers; no weights."""
   from transformers import Qwen3MoeConfig
   d = tmp_path / "Qwen3-30B-A3B"
-  d.mkdir()
+  d.mkdir(exist_ok=True)
   Qwen3MoeConfig(
       vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
       num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
