@@ -22,6 +22,8 @@ from moedistill.errors import UserError
 
 FORMAT = "moedistill-topk-v2"  # v2: logits stored shifted by the row max
 CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 * 2**20}})
+# Data written or read once (the tokens phase): caching decoded chunks would only hold memory.
+ONCE = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
 IGNORED_FIELDS = ("complete", "stats")  # may differ between an interrupted and a resumed run
 
 
@@ -86,7 +88,7 @@ def _spec(path, name, dtype, shape, chunk0, codec):
 
 
 def open_arrays(path: str, meta: dict, create: bool = False, names=None,
-                layout=None) -> dict[str, ts.TensorStore]:
+                layout=None, context=None) -> dict[str, ts.TensorStore]:
   """The cache's arrays (`names` of them, default all); `layout` overrides `array_layout`."""
   out, futures = {}, {}
   for name, (dtype, shape) in (layout or array_layout(meta)).items():
@@ -96,7 +98,7 @@ def open_arrays(path: str, meta: dict, create: bool = False, names=None,
     spec = _spec(path, name, dtype, shape, chunk0, meta["codec"])
     if not create:
       spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
-    futures[name] = ts.open(spec, create=create, context=CONTEXT)
+    futures[name] = ts.open(spec, create=create, context=context or CONTEXT)
   for name, f in futures.items():
     try:
       out[name] = f.result()

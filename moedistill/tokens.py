@@ -136,7 +136,7 @@ def _stage_part(path, g, j, blocks):
   rows = np.stack([np.concatenate([t for t, _ in blocks]),
                    np.concatenate([s for _, s in blocks])], axis=1)  # [m, 2, L]
   arr = ts.open(_part_spec(path, g, j, rows.shape), create=True, delete_existing=True,
-                context=cache.CONTEXT).result()
+                context=cache.ONCE).result()
   return arr.write(rows), len(rows)
 
 
@@ -221,7 +221,7 @@ class _Parts:
   def _part(self, g, j):
     if self.last[0] != (g, j):
       arr = ts.open({"driver": "zarr3", "kvstore": cache.kvstore_spec(
-          self.path, f"{STAGING}{g:08d}/{j:05d}/")}, context=cache.CONTEXT).result()
+          self.path, f"{STAGING}{g:08d}/{j:05d}/")}, context=cache.ONCE).result()
       self.last = ((g, j), arr.read().result())
     return self.last[1]
 
@@ -241,7 +241,8 @@ def assemble_mine(path, meta: dict, counts, p: int, P: int, batch: int = 64):
   """Writes process p's contiguous range of final row chunks from the staged parts, `batch`
   chunks at a time (a chunk's done mark is one small write: marking them together is faster)."""
   R, n = meta["rows_per_chunk"], meta["rows"]
-  arrays = cache.open_arrays(path, meta, layout=cache.token_layout(n, meta["seq_len"], R))
+  arrays = cache.open_arrays(path, meta, layout=cache.token_layout(n, meta["seq_len"], R),
+                             context=cache.ONCE)
   done = arrays["tokens_done"].read().result()
   parts = [_record(path, g)["parts"] for g in range(len(counts))]
   staged = _Parts(path, counts, parts)

@@ -6,7 +6,7 @@ Writes a jsonl corpus of each size under --dir (Zipf-distributed words, document
 BPE, vocab 8,192, trained on a sample, like Qwen's; `word`: one id per word, much faster, so
 the pipeline's own costs show), then measures in the same run:
   baseline   raw `tokenizers` `encode_batch_fast` over 64 MiB of the corpus's text already in
-             memory (all cores), tokens/s;
+             memory (all cores), tokens/s, right before each size's run;
   tokens     `moedistill.tokens.build` (the `--phase=tokens` code) over the whole corpus in a
              child process: wall time, tokens/s (packed tokens incl. EOS / wall), the child's
              peak RSS (wait4 rusage of that child alone).
@@ -120,14 +120,14 @@ def main():
   try:
     block = make_block()
     make_tokenizer(block, work / "tok", a.tokenizer)
-    res = {"cpu_count": os.cpu_count(), "tokenizer": a.tokenizer, "runs": [],
-           "baseline_tokens_per_s": round(baseline(block, work / "tok"))}
+    res = {"cpu_count": os.cpu_count(), "tokenizer": a.tokenizer, "runs": []}
     for gb in [float(x) for x in a.gb.split(",")]:
       corpus = work / f"corpus_{gb:g}gb.jsonl"
       write_corpus(corpus, gb, block)
+      base = round(baseline(block, work / "tok"))  # right before: the machine's load drifts
       r = run_child(corpus, work / "tok", work / f"store_{gb:g}")
-      r.update(corpus_bytes=corpus.stat().st_size,
-               ratio_to_baseline=round(r["tokens_per_s"] / res["baseline_tokens_per_s"], 3))
+      r.update(corpus_bytes=corpus.stat().st_size, baseline_tokens_per_s=base,
+               ratio_to_baseline=round(r["tokens_per_s"] / base, 3))
       res["runs"].append(r)
       corpus.unlink()
       shutil.rmtree(work / f"store_{gb:g}")
