@@ -23,7 +23,8 @@ from moedistill.errors import UserError
 FORMAT = "moedistill-topk-v2"  # v2: logits stored shifted by the row max
 CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 * 2**20}})
 # Data written or read once (the tokens phase): caching decoded chunks would only hold memory.
-ONCE = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+# A child of CONTEXT, so it shares the other resources (a memory:// store lives in one).
+ONCE = ts.Context({"cache_pool": {"total_bytes_limit": 0}}, CONTEXT)
 IGNORED_FIELDS = ("complete", "stats")  # may differ between an interrupted and a resumed run
 
 
