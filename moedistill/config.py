@@ -133,6 +133,7 @@ class TrainConfig:
   keep: int
   log_every: int
   stages: tuple[Stage, ...]
+  k: int = 0  # teacher top-k the loss uses (0 = the cache's k; fewer emulates a top-k' cache)
   restart_from: str = ""  # a checkpoint step directory whose params start a fresh run
 
 
@@ -227,11 +228,14 @@ def _train(c) -> TrainConfig:
            f"({sorted(c.stages.keys())})")
   _check(len(set(order)) == len(order), f"config.stage_order={c.stage_order!r} repeats a stage")
   stages = tuple(_stage(name, c.stages[name], t) for name in order)
+  k = int(t.get("k", 0) or 0)
+  _check(0 <= k <= c.cache.k, f"config.train.k={k}: expected 0 (all) or at most "
+         f"config.cache.k={c.cache.k} (a top-k cache emulates any smaller k exactly)")
   return TrainConfig(batch_size=t.batch_size, micro_batches=t.micro_batches, kd_mode=t.kd_mode,
                      vocab_chunk=t.vocab_chunk, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio,
                      weight_decay=t.weight_decay, clip_norm=t.clip_norm, b1=t.b1, b2=t.b2,
                      checkpoint_every=t.checkpoint_every, keep=t.keep, log_every=t.log_every,
-                     stages=stages, restart_from=t.get("restart_from") or "")
+                     stages=stages, k=k, restart_from=t.get("restart_from") or "")
 
 
 def _ep_capacity_factor(m) -> float:

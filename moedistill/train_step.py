@@ -31,6 +31,8 @@ class StepConfig:
   micro_batches: int
   aux_coef: float
   top_k: int               # experts per token (for the aux loss)
+  k: int = 0               # cached teacher entries used (0 = all): the first k' of a
+                           # sorted top-k are exactly a top-k' cache
 
 
 def labels_and_mask(tokens_bt, segs_bt):
@@ -49,6 +51,9 @@ def teacher_lse(batch, sc: StepConfig):
 def micro_loss(model, batch, n_valid, sc: StepConfig):
   """(loss contribution, metric sums) of one micro-batch."""
   tokens, segs = batch["tokens"], batch["segment_ids"]
+  if sc.k:
+    batch = {**batch, "topk_idx": batch["topk_idx"][..., :sc.k],
+             "topk_logit": batch["topk_logit"][..., :sc.k]}
   labels, mask = labels_and_mask(tokens, segs)
   h_btd, aux = model.hidden(tokens, segs)
   b, t, d = h_btd.shape

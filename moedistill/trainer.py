@@ -32,6 +32,24 @@ def stage_steps(stage: Stage, rows: int, batch_size: int) -> int:
   return stage.steps or max(1, math.ceil(stage.epochs * rows / batch_size))
 
 
+def jit_train_step(graphdef, template, tx, sc: StepConfig, trainable, opt_state, mesh):
+  """The jitted train step (also what `moedistill.plan` compiles with abstract inputs):
+  params and optimizer state keep their shardings and are donated."""
+  shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+  return jax.jit(sharding.on_mesh(mesh, make_train_step(graphdef, template, tx, sc)),
+                 donate_argnums=(0, 2),
+                 out_shardings=(shard_of(trainable), shard_of(opt_state),
+                                sharding.replicated(mesh)))
+
+
+def step_config(job: Job, stage: Stage, cfg, t_index: int | None) -> StepConfig:
+  """A stage's step settings (`t_index`: the cached lse column of its temperature)."""
+  tc = job.train
+  return StepConfig(alpha=stage.alpha, temperature=stage.temperature, mode=tc.kd_mode,
+                    t_index=t_index, vocab_chunk=tc.vocab_chunk, micro_batches=tc.micro_batches,
+                    aux_coef=cfg.router_aux_loss_coef, top_k=cfg.num_experts_per_tok, k=tc.k)
+
+
 class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was written."""
 
@@ -89,14 +107,7 @@ class Trainer:
   def _init_opt(self, tx, trainable):
     """Optimizer state on the mesh: moments follow their params' shardings; scalars (step
     counts) are replicated rather than left on one device."""
-    rep = sharding.replicated(self.mesh)
-
-    def leaf_sharding(path, _):
-      keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-      hit = next((k for k in reversed(keys) if k in trainable), None)
-      return trainable[hit].sharding if hit is not None else rep
-
-    out = jax.tree_util.tree_map_with_path(leaf_sharding, jax.eval_shape(tx.init, trainable))
+    out = sharding.opt_state_shardings(tx, trainable, self.mesh)
     return jax.jit(tx.init, out_shardings=out)(trainable)
 
   def _target_for(self, step: int, meta: dict):
@@ -136,12 +147,8 @@ class Trainer:
     return self.loader.batch(g)
 
   def _step_config(self, stage: Stage) -> StepConfig:
-    tc = self.job.train
-    return StepConfig(alpha=stage.alpha, temperature=stage.temperature, mode=tc.kd_mode,
-                      t_index=self.reader.temperature_index(stage.temperature),
-                      vocab_chunk=tc.vocab_chunk, micro_batches=tc.micro_batches,
-                      aux_coef=self.cfg.router_aux_loss_coef,
-                      top_k=self.cfg.num_experts_per_tok)
+    return step_config(self.job, stage, self.cfg,
+                       self.reader.temperature_index(stage.temperature))
 
   def run(self):
     """Runs every remaining stage; returns the final params dict."""
@@ -183,11 +190,8 @@ class Trainer:
     return stop
 
   def _compile_step(self, stage: Stage, tx, trainable, opt_state):
-    shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-    return jax.jit(make_train_step(self.graphdef, self.template, tx, self._step_config(stage)),
-                   donate_argnums=(0, 2),
-                   out_shardings=(shard_of(trainable), shard_of(opt_state),
-                                  sharding.replicated(self.mesh)))
+    return jit_train_step(self.graphdef, self.template, tx, self._step_config(stage),
+                          trainable, opt_state, self.mesh)
 
   def _stop_if_not_finite(self, m, stage: Stage, s: int, g: int, bar):
     if np.isfinite(m["loss"]):
