@@ -31,6 +31,8 @@ def _force_cpu_devices(argv):
                "--xla_cpu_enable_concurrency_optimized_scheduler=false")
       os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
       os.environ["JAX_PLATFORMS"] = "cpu"
+      import moedistill
+      moedistill.enough_cpu_threads_for_forced_devices()
 
 
 if __name__ == "__main__":
