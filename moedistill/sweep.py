@@ -3,7 +3,7 @@ plans, one student per point, and a comparison report.
 
 CLI: python -m moedistill.sweep --config=configs/two_stage.py --sweep.alpha=0.5,0.9
        --sweep.temperature=1,2 --sweep.k=16,32 [--sweep.stage_order=wrappers,all:all]
-       [--sweep.points='[{"alpha": 0.5, "k": 16}, ...]']
+       [--sweep.points='[{"alpha": 0.5, "k": 16}, ...]'] [--sweep.check_only]
 Every point trains from the same cache (`<workdir>/cache`) and the same zero-shot student
 (`<workdir>/student_init`) into `<workdir>/sweep/<point>`, exactly as `train` would with the
 same overrides (it IS the train code path); a point with a `result.json` is done and skipped,
@@ -149,6 +149,10 @@ def main(argv):
   if values["stage_order"]:  # stage orders contain commas: ':' separates them
     values["stage_order"] = FLAGS["sweep.stage_order"].value.split(":")
   grid = parse_grid(values, FLAGS["sweep.points"].value)
+  if FLAGS["sweep.check_only"].value:  # validate every point, train nothing
+    check_points(FLAGS.config, grid)
+    print("\n".join(point_name(p) for p in grid))
+    return
   try:
     report = run_sweep(FLAGS.config, grid)
   except Preempted as e:
@@ -165,6 +169,8 @@ def define_sweep_flags():
     flags.DEFINE_list(f"sweep.{a}", None, f"values of {a} to sweep (comma-separated)")
   flags.DEFINE_string("sweep.stage_order", None,
                       "stage orders to sweep, separated by ':' (e.g. wrappers,all:all)")
+  flags.DEFINE_bool("sweep.check_only", False,
+                    "check the config and every point, print the point names, train nothing")
   flags.DEFINE_string("sweep.points", None,
                       "an explicit list of points instead of a grid, e.g. "
                       "'[{\"alpha\": 0.5, \"k\": 16}]'")
