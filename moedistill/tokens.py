@@ -266,9 +266,11 @@ def settings(spec: DataSpec, rows_per_chunk: int, codec: str, old_files=None,
   """The tokens metadata the config asks for; file hashes reuse `old_files` where a file's
   size and mtime are unchanged (all re-hashed with `verify`)."""
   files = data.file_records(spec, old_files, verify)
-  return {"format": FORMAT, "data_fingerprint": data.fingerprint(spec, files),
-          "tokenizer_hash": data.tokenizer_hash(spec.tokenizer), "seq_len": spec.seq_len,
-          "rows_per_chunk": rows_per_chunk, "codec": codec, "files": files, "complete": False}
+  # Settings before fingerprints: a refusal names the first difference, and the fingerprint
+  # covers the settings too (a changed seq_len should be reported as seq_len).
+  return {"format": FORMAT, "seq_len": spec.seq_len, "rows_per_chunk": rows_per_chunk,
+          "codec": codec, "tokenizer_hash": data.tokenizer_hash(spec.tokenizer),
+          "data_fingerprint": data.fingerprint(spec, files), "files": files, "complete": False}
 
 
 def check_existing(path: str, new: dict, overwrite: bool) -> dict | None:
