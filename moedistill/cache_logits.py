@@ -2,7 +2,7 @@
 
 CLI: python -m moedistill.cache_logits --config=configs/two_stage.py [--overwrite]
      [--split=train|eval|both] [--phase=tokens|logits|all] [--verify]
-Two phases: `tokens` (moedistill.tokens: stream, tokenize, pack, split between processes) and
+Two phases: `tokens` (moedistill.data.tokens: stream, tokenize, pack, split between processes) and
 `logits` (the teacher over the token chunks). Resumable: finished pieces and chunks are
 skipped, so rerunning a killed command finishes the cache. A later start compares the data
 files' size and mtime and re-hashes only the changed ones (`--verify`: all of them).
@@ -23,12 +23,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from moedistill import cache, hf, sharding, tokens
+from moedistill import sharding
 from moedistill.config import Job
-from moedistill.data import load_tokenizer
+from moedistill.data import cache, tokens
+from moedistill.data.sources import load_tokenizer
 from moedistill.errors import ConfigError, UserError
+from moedistill.hub import hf
 from moedistill.model.config import ModelConfig
-from moedistill.vocab_scan import topk_lse
+from moedistill.training.vocab_scan import topk_lse
 
 
 def teacher_hash(path) -> str:

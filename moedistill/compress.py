@@ -17,9 +17,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moedistill import hf, sharding
+from moedistill import sharding
 from moedistill.cli import load_job, pick, run
 from moedistill.errors import ConfigError
+from moedistill.hub import hf
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.model.shared_core import PROJS, Compression, merged_experts
 
@@ -169,7 +170,7 @@ def main(argv):
                              **({"param_dtype": job.model.param_dtype} if job else {}))
   freq = None
   if cache is not None:
-    from moedistill.cache import CacheReader
+    from moedistill.data.cache import CacheReader
     freq = routing_frequency(teacher, CacheReader(cache), F.max_rows)
   student, report = compress_model(teacher, comp, freq, mesh=mesh)
   first = jax.process_index() == 0

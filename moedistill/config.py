@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from moedistill.data import DataSpec
+from moedistill.data.sources import DataSpec
 from moedistill.errors import ConfigError
 from moedistill.model import attention
 from moedistill.model.layers import REMAT_POLICIES
@@ -65,7 +65,7 @@ def _attention(m):
 def join(base: str, *parts: str) -> str:
   """Join a local path, a kvstore URL (gs://..., memory://...) or a kvstore JSON spec."""
   if base.lstrip().startswith("{"):
-    from moedistill import cache
+    from moedistill.data import cache
     return cache.join(base, *parts)
   if "://" in base:
     return "/".join([base.rstrip("/"), *parts])

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moedistill import hf, sharding
-from moedistill.cache import CacheReader
+from moedistill import sharding
 from moedistill.cli import load_job, pick, run
+from moedistill.data.cache import CacheReader
 from moedistill.errors import UserError
-from moedistill.train_step import StepConfig, micro_loss
+from moedistill.hub import hf
+from moedistill.training.train_step import StepConfig, micro_loss
 
 
 def eval_program(graphdef, config, temperature: float, t_index: int, chunk: int = 4096,

@@ -6,7 +6,7 @@ CLI: python -m moedistill.export --config=configs/two_stage.py [--checkpoint=DIR
   --config both are required.
   merged: W_e = shared_core + A_e B_e materialised into a standard Qwen3-MoE checkpoint that
           transformers.AutoModelForCausalLM loads;
-  native: the compact shared-core form, which moedistill.hf.load_model opens.
+  native: the compact shared-core form, which moedistill.hub.hf.load_model opens.
   --dtype: the output dtype, a float type; default the teacher's (config.teacher's
   config.json), else the checkpoint's own.
 Streams: the checkpoint is loaded sharded over the config's mesh (one device without
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from moedistill import hf, sharding
+from moedistill import sharding
 from moedistill.cli import load_job, pick, run
 from moedistill.errors import ConfigError
+from moedistill.hub import hf
 
 FORMATS = ("merged", "native")
 

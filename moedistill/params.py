@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moedistill import optim, param_tree
 from moedistill.model.config import ModelConfig
 from moedistill.model.shared_core import Compression
+from moedistill.training import optim, param_tree
 
 
 def main(argv):

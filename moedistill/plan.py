@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from moedistill import optim, param_tree as P, sharding  # noqa: E402
+from moedistill import sharding
 from moedistill.config import Job  # noqa: E402
 from moedistill.errors import ConfigError, UserError  # noqa: E402
 from moedistill.model import moe  # noqa: E402
@@ -57,6 +57,7 @@ from moedistill.model.config import ModelConfig  # noqa: E402
 from moedistill.model.layers import Runtime  # noqa: E402
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
 from moedistill.model.shared_core import PROJS, Compression  # noqa: E402
+from moedistill.training import optim, param_tree as P  # noqa: E402
 
 GiB = 2**30
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -210,7 +211,7 @@ def compress_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Pro
 
 def train_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Program]:
   """Each stage's train step: trainable params, frozen params, Adam state, one global batch."""
-  from moedistill.trainer import jit_train_step, step_config
+  from moedistill.training.trainer import jit_train_step, step_config
   graphdef, template, params = abstract_model(cfg, rt, Compression(*job.ranks), mesh)
   shapes = {k: v.shape for k, v in params.items()}
   c = job.cache
@@ -250,7 +251,7 @@ def eval_program(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> Program:
 def export_program(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> Program:
   """The merged export: one layer's W_e = core + A_e B_e at a time, cast to the checkpoint
   dtype on the devices; the trained student stays resident."""
-  from moedistill import hf
+  from moedistill.hub import hf
   _, _, student = abstract_model(cfg, rt, Compression(*job.ranks), mesh)
   base = f"layers.{cfg.moe_layers[0]}.mlp.experts."
   parts = [student[base + n] for n in ("shared_core.gate", "wrapper.gate_a", "wrapper.gate_b")]

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import jax
 
-from moedistill import hf, sharding
-from moedistill.cache import CacheReader
+from moedistill import sharding
 from moedistill.config import Job
+from moedistill.data.cache import CacheReader
 from moedistill.evaluate import evaluate_model
+from moedistill.hub import hf
 
 ROWS = (("teacher", "teacher"), ("student_init", "zero-shot student"),
         ("student_distilled", "distilled student"))

@@ -102,7 +102,7 @@ def check_points(base, grid):
 def run_point(job, p: dict, teacher_eval: dict) -> dict:
   """Train (or resume) one point, then evaluate its export on the held-out cache."""
   from moedistill import train
-  from moedistill.cache import CacheReader
+  from moedistill.data.cache import CacheReader
   from moedistill.report import evaluate_path
   export = train.train(job)
   reader = CacheReader(job.cache_path("eval"))
@@ -117,10 +117,10 @@ def run_point(job, p: dict, teacher_eval: dict) -> dict:
 
 def run_sweep(base, grid) -> dict:
   from moedistill import train
-  from moedistill.cache import CacheReader
   from moedistill.config import job_from_config
+  from moedistill.data.cache import CacheReader
   from moedistill.report import evaluate_path
-  from moedistill.sweep_report import write_sweep_report
+  from moedistill.training.sweep_report import write_sweep_report
   jobs = check_points(base, grid)
   job0 = job_from_config(base)
   mesh = train.preflight(job0)
@@ -143,7 +143,7 @@ def run_sweep(base, grid) -> dict:
 
 def main(argv):
   from moedistill.cli import FLAGS, load_job
-  from moedistill.trainer import Preempted
+  from moedistill.training.trainer import Preempted
   load_job(argv)  # validates the base config, starts multi-host
   values = {a: FLAGS[f"sweep.{a}"].value for a in AXES}
   if values["stage_order"]:  # stage orders contain commas: ':' separates them

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import jax
 
-from moedistill import cache, compress, hf, sharding
+from moedistill import compress, sharding
 from moedistill.cache_logits import build_cache, finished
 from moedistill.config import Job
+from moedistill.data import cache
 from moedistill.errors import UserError
+from moedistill.hub import hf
 from moedistill.model.shared_core import Compression
-from moedistill.trainer import Preempted, Trainer
+from moedistill.training.trainer import Preempted, Trainer
 
 
 def load(job: Job, path, mesh):
@@ -92,8 +94,8 @@ def check_against_cache(job: Job, reader: cache.CacheReader, cfg):
 
 def preflight(job: Job):
   """Every check that needs no weights and no cache, before any slow work starts."""
-  from moedistill import optim, param_tree as P
   from moedistill.model.config import ModelConfig
+  from moedistill.training import optim, param_tree as P
   cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
   shapes = P.shapes(P.abstract_student(cfg, Compression(*job.ranks)))
   for st in job.train.stages:
@@ -125,7 +127,7 @@ def train(job: Job, *, progress: bool = True, device_memory: int | None = None):
   student = load(job, init, mesh)
   check_against_cache(job, reader, student.config)
   trainer = Trainer(job, student, reader, mesh, progress=progress)
-  from moedistill import param_tree as P
+  from moedistill.training import param_tree as P
   final = P.merge(trainer.graphdef, trainer.template, trainer.run())
   export = workdir / "export"
   # Every process: save_model gathers one param at a time (streamed), process 0 writes.
@@ -138,8 +140,8 @@ def train(job: Job, *, progress: bool = True, device_memory: int | None = None):
 
 def main(argv):
   from moedistill.cli import load_job
-  from moedistill.report import write_report
   from moedistill.plan import parse_bytes
+  from moedistill.report import write_report
   job, flags = load_job(argv)
   t0 = time.time()
   memory = None if flags.device_memory is None else parse_bytes(flags.device_memory)

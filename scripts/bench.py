@@ -25,15 +25,15 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moedistill import param_tree as P  # noqa: E402
 from moedistill.config import Group, Stage, TrainConfig  # noqa: E402
 from moedistill.model import moe  # noqa: E402
 from moedistill.model.config import ModelConfig  # noqa: E402
 from moedistill.model.layers import Runtime  # noqa: E402
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
-from moedistill.optim import build  # noqa: E402
-from moedistill.train_step import StepConfig, make_train_step  # noqa: E402
-from moedistill.vocab_scan import topk_lse  # noqa: E402
+from moedistill.training import param_tree as P  # noqa: E402
+from moedistill.training.optim import build  # noqa: E402
+from moedistill.training.train_step import StepConfig, make_train_step  # noqa: E402
+from moedistill.training.vocab_scan import topk_lse  # noqa: E402
 
 
 # Per size: cache (batch, seq, top-k), train (batch, seq, top-k), MoE-alone tokens, timed reps.

@@ -30,7 +30,7 @@ CHILD = r"""
 import json, sys, time
 import jax.numpy as jnp
 import moedistill
-from moedistill import hf, safetensors_io as st
+from moedistill.hub import hf, safetensors_io as st
 ckpt, out, mode, shard = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 if mode == "library":
   class Buffered:  # the library's save_file: every tensor of the shard, then one write
@@ -57,7 +57,7 @@ def layer_bytes(cfg, itemsize=2) -> tuple[int, int]:
   """(largest layer, largest tensor) of the merged output, in bytes."""
   import numpy as np
   from flax import nnx
-  from moedistill import hf
+  from moedistill.hub import hf
   from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
   abstract = nnx.eval_shape(lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0)))
   shapes = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}

@@ -31,7 +31,8 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 path, port, n, i = sys.argv[1:5]
 jax.distributed.initialize(f"127.0.0.1:{port}", int(n), int(i))
 import moedistill
-from moedistill import hf, sharding
+from moedistill import sharding
+from moedistill.hub import hf
 mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=int(n)))
 def status(field):
   return int(dict(l.split(":", 1) for l in open("/proc/self/status"))[field].split()[0]) * 1024
@@ -62,7 +63,7 @@ def write_checkpoint(path: Path, cfg, comp=None, shard_bytes: int = 512 << 20) -
   import ml_dtypes
   import numpy as np
   from flax import nnx
-  from moedistill import hf, safetensors_io as st
+  from moedistill.hub import hf, safetensors_io as st
   from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
   abstract = nnx.eval_shape(lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), compression=comp))
   shapes = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}

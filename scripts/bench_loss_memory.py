@@ -10,8 +10,8 @@ import json
 import jax
 import jax.numpy as jnp
 
-from moedistill import loss
-from moedistill.fused_stats import vocab_stats
+from moedistill.training import loss
+from moedistill.training.fused_stats import vocab_stats
 
 
 def main():

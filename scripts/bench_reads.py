@@ -7,7 +7,7 @@ like a real one) under --dir, then times, per batch of --batch rows over one epo
   random      the previous reader: rows of a global permutation, read with one `oindex` read
               (every row decodes its whole chunk);
   contiguous  consecutive rows (the floor: each chunk decoded once, in order);
-  loader      `moedistill.loader.Loader` (chunk permutation + shuffle window of --window
+  loader      `moedistill.data.loader.Loader` (chunk permutation + shuffle window of --window
               chunks, async reads --prefetch steps ahead), with --compute_ms of simulated
               train step between batches (0 = reads only).
 Reads go through no decoded-chunk cache pool (a cache at scale dwarfs any pool). Prints JSON
@@ -25,8 +25,8 @@ import numpy as np
 import tensorstore as ts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moedistill import cache  # noqa: E402
-from moedistill.loader import Loader  # noqa: E402
+from moedistill.data import cache  # noqa: E402
+from moedistill.data.loader import Loader  # noqa: E402
 
 
 def make_cache(path: str, a) -> cache.CacheReader:

@@ -24,9 +24,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from moedistill import sharding, train  # noqa: E402
-from moedistill.cache import CacheReader  # noqa: E402
-from moedistill.train_step import BATCH_KEYS, make_train_step  # noqa: E402
-from moedistill.trainer import Trainer  # noqa: E402
+from moedistill.data.cache import CacheReader  # noqa: E402
+from moedistill.training.train_step import BATCH_KEYS, make_train_step  # noqa: E402
+from moedistill.training.trainer import Trainer  # noqa: E402
 
 
 def setup(batch: int):

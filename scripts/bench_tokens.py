@@ -7,7 +7,7 @@ BPE, vocab 8,192, trained on a sample, like Qwen's; `word`: one id per word, muc
 the pipeline's own costs show), then measures in the same run:
   baseline   raw `tokenizers` `encode_batch_fast` over 64 MiB of the corpus's text already in
              memory (all cores), tokens/s, right before each size's run;
-  tokens     `moedistill.tokens.build` (the `--phase=tokens` code) over the whole corpus in a
+  tokens     `moedistill.data.tokens.build` (the `--phase=tokens` code) over the whole corpus in a
              child process: wall time, tokens/s (packed tokens incl. EOS / wall), the child's
              peak RSS (wait4 rusage of that child alone).
 Prints JSON with the ratio tokens/s / baseline and each size's peak RSS. Deletes the corpora
@@ -30,9 +30,9 @@ BLOCK = 64 * 2**20
 CHILD = """
 import sys, time, json
 sys.path.insert(0, {root!r})
-from moedistill import data, tokens
-spec = data.DataSpec(source=({corpus!r},), tokenizer={tok!r}, seq_len=1024)
-tok = data.load_tokenizer({tok!r})
+from moedistill.data import sources, tokens
+spec = sources.DataSpec(source=({corpus!r},), tokenizer={tok!r}, seq_len=1024)
+tok = sources.load_tokenizer({tok!r})
 t0 = time.perf_counter()
 meta = tokens.build(spec, {store!r}, tok, rows_per_chunk=16, codec="zstd", progress=False)
 print(json.dumps({{"seconds": time.perf_counter() - t0, "rows": meta["rows"],

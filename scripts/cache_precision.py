@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from moedistill import hf, loss
-from moedistill.cache import CacheReader
-from moedistill.train_step import labels_and_mask
+from moedistill.data.cache import CacheReader
+from moedistill.hub import hf
+from moedistill.training import loss
+from moedistill.training.train_step import labels_and_mask
 
 
 def main():

@@ -18,11 +18,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moedistill import corpus, hf, param_tree as P
-from moedistill.tokens import pack
+from moedistill.data import corpus
+from moedistill.data.tokens import pack
+from moedistill.hub import hf
 from moedistill.model.config import ModelConfig
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
-from moedistill.train_step import labels_and_mask
+from moedistill.training import param_tree as P
+from moedistill.training.train_step import labels_and_mask
 
 SETTINGS = dict(
     train_docs=30000, heldout_docs=400, train_seed=1, heldout_seed=2, vocab_size=256,

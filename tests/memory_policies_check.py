@@ -15,11 +15,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from moedistill import param_tree as P, sharding  # noqa: E402
+from moedistill import sharding
 from moedistill.model import tiny  # noqa: E402
 from moedistill.model.layers import Runtime  # noqa: E402
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
 from moedistill.model.shared_core import Compression  # noqa: E402
+from moedistill.training import param_tree as P  # noqa: E402
 from sharded_step_check import batch  # noqa: E402
 
 CFG = dataclasses.replace(tiny(), mlp_only_layers=())  # scan_layers needs identical layers

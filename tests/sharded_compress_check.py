@@ -11,7 +11,8 @@ if __name__ == "__main__":  # only as a script: an import must not leak 8 device
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moedistill import compress, hf, sharding  # noqa: E402
+from moedistill import compress, sharding  # noqa: E402
+from moedistill.hub import hf
 from moedistill.model.shared_core import Compression, merged_experts  # noqa: E402
 
 MESHES = ((1, 8, 1, 1), (2, 2, 2, 1), (1, 2, 2, 2))

@@ -10,7 +10,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import numpy as np  # noqa: E402
 
-from moedistill import hf, sharding, safetensors_io as st  # noqa: E402
+from moedistill import sharding
+from moedistill.hub import hf, safetensors_io as st  # noqa: E402
 
 READS = []
 _get_slice = st.SafetensorsFile.get_slice

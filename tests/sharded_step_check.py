@@ -14,12 +14,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from moedistill import optim, param_tree as P, sharding  # noqa: E402
+from moedistill import sharding
 from moedistill.config import Group, Stage, TrainConfig  # noqa: E402
 from moedistill.model import tiny  # noqa: E402
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
 from moedistill.model.shared_core import Compression  # noqa: E402
-from moedistill.train_step import StepConfig, make_train_step  # noqa: E402
+from moedistill.training import optim, param_tree as P  # noqa: E402
+from moedistill.training.train_step import StepConfig, make_train_step  # noqa: E402
 
 
 def batch(cfg, b=8, t=12, k=5, seed=0):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_checkpoint, torch_logits
-from moedistill import hf
 from moedistill.errors import ConfigError
+from moedistill.hub import hf
 from moedistill.model import attention as A
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import job_config, run_cli, write_config_file
-from moedistill import cache
 from moedistill.cache_logits import build_cache
 from moedistill.config import job_from_config
+from moedistill.data import cache
+from moedistill.data.loader import Loader, Order
 from moedistill.errors import UserError
-from moedistill.loader import Loader, Order
 
 NAMES = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse", "done")
 

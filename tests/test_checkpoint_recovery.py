@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from moedistill.checkpoint import Checkpoints, abstract_like, restore_params
 from moedistill.errors import UserError
+from moedistill.training.checkpoint import Checkpoints, abstract_like, restore_params
 
 
 def state_of(params, trainable=("w",)):

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from conftest import torch_logits
-from moedistill import compress, export, hf
+from moedistill import compress, export
 from moedistill.errors import ConfigError
+from moedistill.hub import hf
 from moedistill.model import ModelConfig, qwen3_30b_a3b
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.model.shared_core import Compression
@@ -104,9 +105,9 @@ def test_cli_compress_and_bad_rank(tmp_path, hf_tiny):
 
 def test_routing_weighted_core(tmp_path, teacher_dir):
   from conftest import job_config
-  from moedistill.cache import CacheReader
   from moedistill.cache_logits import build_cache
   from moedistill.config import job_from_config
+  from moedistill.data.cache import CacheReader
   path, _ = teacher_dir
   job = job_from_config(job_config(tmp_path, path))
   reader = CacheReader(build_cache(job, "eval", progress=False))

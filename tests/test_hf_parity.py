@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_checkpoint, torch_logits
-from moedistill import hf
+from moedistill.hub import hf
 
 CASES = {
     "norm_topk_on": dict(norm_topk_prob=True),

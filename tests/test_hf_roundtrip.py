@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_checkpoint, torch_logits
-from moedistill import hf
 from moedistill.errors import CheckpointFileError, ConfigError
+from moedistill.hub import hf
 
 
 def _same_state(a, b):
@@ -81,7 +81,7 @@ def test_missing_shard(tmp_path):
 
 
 def test_wrong_shape(tmp_path, hf_tiny):
-  from moedistill import safetensors_io as st
+  from moedistill.hub import safetensors_io as st
   path, _ = hf_tiny
   f = st.SafetensorsFile(path / "model.safetensors")
   tensors = {k: np.array(f.get(k)) for k in f.keys()}
@@ -92,7 +92,7 @@ def test_wrong_shape(tmp_path, hf_tiny):
 
 
 def test_unknown_key(hf_tiny):
-  from moedistill import safetensors_io as st
+  from moedistill.hub import safetensors_io as st
   path, _ = hf_tiny
   f = st.SafetensorsFile(path / "model.safetensors")
   tensors = {k: np.array(f.get(k)) for k in f.keys()}
@@ -191,7 +191,7 @@ def test_export_dtype(tmp_path, student_dir):
   src, student = student_dir
   out = export.export(src, tmp_path / "bf16", dtype="bfloat16", max_shard_bytes=30_000)
   assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-  from moedistill.safetensors_io import SafetensorsFile
+  from moedistill.hub.safetensors_io import SafetensorsFile
   for f in out.glob("*.safetensors"):
     st = SafetensorsFile(f)
     assert {st.dtype(k) for k in st.keys()} == {"BF16"}, f
@@ -209,7 +209,7 @@ def test_export_dtype(tmp_path, student_dir):
 def test_stream_writer_matches_the_library(tmp_path):
   import ml_dtypes
   from safetensors.numpy import load_file
-  from moedistill import safetensors_io as st
+  from moedistill.hub import safetensors_io as st
   r = np.random.RandomState(0)
   tensors = {"b": r.randn(3, 5).astype(ml_dtypes.bfloat16), "a": r.randn(7).astype(np.float32),
              "c": r.randint(0, 9, (2, 2, 2)).astype(np.int32)}

@@ -104,7 +104,7 @@ def test_two_process_export_equals_one_process(tmp_path, teacher_dir):
   for name in want:  # the experts' merge (a sharded einsum) may round differently
     if name.suffix != ".safetensors":
       assert got[name] == want[name], name
-  from moedistill import hf
+  from moedistill.hub import hf
   a, b = (hf.state_arrays(hf.load_model(tmp_path / d)[0]) for d in ("one", "two"))
   for k in a:
     np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-6, atol=1e-7)
@@ -116,7 +116,7 @@ def test_two_process_export_equals_one_process(tmp_path, teacher_dir):
   assert r.returncode == 0, r.stderr[-3000:]
   out = tmp_path / "run" / "export"
   assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-  from moedistill.safetensors_io import SafetensorsFile
+  from moedistill.hub.safetensors_io import SafetensorsFile
   f = SafetensorsFile(next(out.glob("*.safetensors")))
   assert {f.dtype(k) for k in f.keys()} == {"BF16"}
   bad = run_cli("moedistill.export", *common, "--dtype=int8", f"--out={tmp_path / 'bad'}")

@@ -4,8 +4,8 @@ uninterrupted one reads, and no chunk is read twice in an epoch."""
 import numpy as np
 import pytest
 
-from moedistill import cache
-from moedistill.loader import Loader, Order
+from moedistill.data import cache
+from moedistill.data.loader import Loader, Order
 
 ROWS, L, K, R = 45, 6, 3, 4  # 12 chunks, the last one partial
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moedistill import loss
-from moedistill.fused_stats import vocab_stats
+from moedistill.training import loss
+from moedistill.training.fused_stats import vocab_stats
 
 
 def _np_logsumexp(x, axis=-1):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import write_config_file
-from moedistill import cache
 from moedistill.cache_logits import build_cache
 from moedistill.config import job_from_config
+from moedistill.data import cache
 from test_tokens import corpus_config
 from test_train import _differing, reference, small  # noqa: F401 - `reference` is a fixture
 

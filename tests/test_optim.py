@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moedistill import optim
 from moedistill.config import Group, Stage, TrainConfig
 from moedistill.errors import ConfigError
+from moedistill.training import optim
 
 PATHS = ["embed_tokens.embedding", "layers.0.mlp.experts.shared_core.gate",
          "layers.0.mlp.experts.wrapper.gate_a", "layers.1.mlp.experts.wrapper.gate_a",

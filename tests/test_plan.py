@@ -25,10 +25,10 @@ def fsdp8_plan():
 def _student_bytes():
   """Total f32 bytes of the demo student's params, of its 1-D params (norm scales: kept
   replicated), and of each stage's trainable params (Adam keeps two moments of each)."""
-  from moedistill import optim, param_tree as P
   from moedistill.config import job_from_config
   from moedistill.model.config import ModelConfig
   from moedistill.model.shared_core import Compression
+  from moedistill.training import optim, param_tree as P
   import importlib.util
   spec = importlib.util.spec_from_file_location("two_stage", "configs/two_stage.py")
   mod = importlib.util.module_from_spec(spec)

@@ -143,11 +143,11 @@ def test_table_flags_are_defined(module, flags):
 def test_group_examples_are_valid(literal):
   """Each README group list, given as an override, covers the demo student's params."""
   import importlib.util
-  from moedistill import optim, param_tree
   from moedistill.cli import ListParser
   from moedistill.config import job_from_config
   from moedistill.model.config import ModelConfig
   from moedistill.model.shared_core import Compression
+  from moedistill.training import optim, param_tree
   spec = importlib.util.spec_from_file_location("two_stage", REPO / "configs" / "two_stage.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)

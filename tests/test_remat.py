@@ -10,14 +10,14 @@ import pytest
 from flax import nnx
 
 import sharded_step_check as S
-from moedistill import optim, param_tree as P
 from moedistill.config import Group, Stage, TrainConfig
 from moedistill.errors import ConfigError
 from moedistill.model import tiny
 from moedistill.model.layers import REMAT_POLICIES, Runtime
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.model.shared_core import Compression
-from moedistill.train_step import StepConfig, make_train_step
+from moedistill.training import optim, param_tree as P
+from moedistill.training.train_step import StepConfig, make_train_step
 
 POLICIES = list(REMAT_POLICIES)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import job_config, make_hf_checkpoint, make_tokenizer, run_cli, write_config_file
-from moedistill import hf
 from moedistill.errors import CheckpointFileError
+from moedistill.hub import hf
 
 
 def test_pickle_checkpoint_is_refused(tmp_path):

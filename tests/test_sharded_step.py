@@ -42,13 +42,13 @@ def test_bf16_compute_train_step_close_to_f32():
   from flax import nnx
 
   import sharded_step_check as S
-  from moedistill import optim, param_tree as P
   from moedistill.config import Group, Stage, TrainConfig
   from moedistill.model import tiny
   from moedistill.model.layers import Runtime
   from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
   from moedistill.model.shared_core import Compression
-  from moedistill.train_step import StepConfig, make_train_step
+  from moedistill.training import optim, param_tree as P
+  from moedistill.training.train_step import StepConfig, make_train_step
   cfg = tiny()
   batch = {k: jnp.asarray(v) for k, v in S.batch(cfg).items()}
   losses = {}

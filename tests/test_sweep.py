@@ -38,10 +38,10 @@ def teacher(tmp_path_factory):
 def test_topk_prime_equals_a_smaller_cache(teacher, mode):
   from flax import nnx
 
-  from moedistill import hf
-  from moedistill.cache import CacheReader
   from moedistill.cache_logits import build_cache
-  from moedistill.train_step import StepConfig, micro_loss
+  from moedistill.data.cache import CacheReader
+  from moedistill.hub import hf
+  from moedistill.training.train_step import StepConfig, micro_loss
   tmp, t = teacher
   readers = {}
   for k in (8, 3):
@@ -70,9 +70,9 @@ def _sweep(cfg, *args, **kw):
 
 
 def test_sweep_kill_resume_and_equal_to_train(teacher):
-  from moedistill.train import train
+  from moedistill.data.cache import CacheReader
   from moedistill.report import evaluate_path
-  from moedistill.cache import CacheReader
+  from moedistill.train import train
   tmp, t = teacher
   c = small(tmp / "run", t)
   cfg = write_config_file(tmp, c, "sweep_cfg.py")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import WORDS, job_config, make_tokenizer, run_cli, write_config_file
-from moedistill import cache, data, tokens
-from moedistill.data import DataSpec
+from moedistill.data import cache, sources, tokens
+from moedistill.data.sources import DataSpec
 from moedistill.errors import ConfigError, UserError
 
 L = 16
@@ -37,7 +37,7 @@ def write_jsonl(path, n_docs, seed, extra=()):
 def reference_rows(files, tok_dir, block, max_rows=0):
   """Plain reference: each file's lines grouped by the byte block they start in, every group
   tokenized by transformers and packed alone (documents + EOS, last row padded)."""
-  tok = data.load_tokenizer(tok_dir)
+  tok = sources.load_tokenizer(tok_dir)
   rows_t, rows_s = [], []
   for f in files:
     raw, groups, pos = open(f, "rb").read(), {}, 0
@@ -72,7 +72,7 @@ def read_tokens(path):
 def build(files, tok_dir, path, block=2048, max_rows=0, R=4, **kw):
   spec = DataSpec(source=tuple(files), tokenizer=tok_dir, seq_len=L, block_bytes=block,
                   max_rows=max_rows)
-  return tokens.build(spec, str(path), data.load_tokenizer(tok_dir), rows_per_chunk=R,
+  return tokens.build(spec, str(path), sources.load_tokenizer(tok_dir), rows_per_chunk=R,
                       codec="zstd", progress=False, **kw)
 
 
@@ -87,7 +87,7 @@ def test_matches_reference_and_counts_odd_documents(tmp_path, tok_dir):
   np.testing.assert_array_equal(got_t, ref_t)
   np.testing.assert_array_equal(got_s, ref_s)
   assert meta["pieces"] > 4 and meta["rows"] == len(ref_t)
-  tok = data.load_tokenizer(tok_dir)
+  tok = sources.load_tokenizer(tok_dir)
   texts = [json.loads(x)["text"] for f in files for x in open(f)]
   lens = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
   st = meta["stats"]
@@ -190,8 +190,8 @@ def test_changed_file_detected_without_rehashing_others(tmp_path, tok_dir, monke
   spec = DataSpec(source=tuple(files), tokenizer=tok_dir, seq_len=L, block_bytes=2048)
   build(files, tok_dir, tmp_path / "s")
   hashed = []
-  real = data.file_sha
-  monkeypatch.setattr(data, "file_sha", lambda p: hashed.append(p) or real(p))
+  real = sources.file_sha
+  monkeypatch.setattr(sources, "file_sha", lambda p: hashed.append(p) or real(p))
   path = str(tmp_path / "s")
   assert tokens.finished(spec, path, 4, "zstd")["complete"] and hashed == []
   with open(files[1], "a") as f:

@@ -16,10 +16,10 @@ import pytest
 
 from conftest import job_config, write_config_file
 from test_cache_bad_input import snapshot
-from moedistill import safetensors_io as st
-from moedistill.checkpoint import Checkpoints
 from moedistill.config import job_from_config
+from moedistill.hub import safetensors_io as st
 from moedistill.train import train
+from moedistill.training.checkpoint import Checkpoints
 
 
 def small(tmp_path, teacher, **over):
@@ -62,7 +62,7 @@ def test_frozen_params_are_bit_identical(reference):
   init = tensors(Path(job.student_init) / "model.safetensors")
   after1 = _params_at(job.workdir, 6)  # end of stage 1: only wrappers trained
   changed = []
-  from moedistill.hf import key_table
+  from moedistill.hub.hf import key_table
   from moedistill.model.config import ModelConfig
   from moedistill.model.shared_core import Compression
   cfg = ModelConfig.from_json_file(Path(job.student_init) / "config.json")
@@ -213,7 +213,7 @@ def test_kd_modes_and_epoch_stages_lower_held_out_kl(tmp_path, demo_shared, mode
   import math
 
   import moedistill
-  from moedistill.cache import CacheReader
+  from moedistill.data.cache import CacheReader
   from moedistill.report import evaluate_path
   c = job_config(tmp_path, "unused")
   assets = Path(moedistill.__file__).parent / "assets"

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moedistill.fused_stats import vocab_stats
-from moedistill.vocab_scan import topk_lse
+from moedistill.training.fused_stats import vocab_stats
+from moedistill.training.vocab_scan import topk_lse
 
 
 def _check_against_dense(h, w, k, temps, chunk, group):

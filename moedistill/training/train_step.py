@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moedistill import loss, param_tree as P
-from moedistill.fused_stats import vocab_stats
+from moedistill.training import loss, param_tree as P
+from moedistill.training.fused_stats import vocab_stats
 
 BATCH_KEYS = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse")
 

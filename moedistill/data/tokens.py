@@ -1,7 +1,7 @@
 """The tokens phase: documents -> packed rows in a cache's `tokens` / `segment_ids` arrays.
 
 Two steps, both resumable and split between processes:
-1. Pieces (`data.pieces`: fixed by the data alone) go round-robin, piece g to process g % P.
+1. Pieces (`sources.pieces`: fixed by the data alone) go round-robin, piece g to process g % P.
    Each is streamed, tokenized in batches (the Rust tokenizer's `encode_batch_fast`, on all
    cores, while a thread parses the next batch), packed on its own (documents + EOS, the last
    row padded) and staged as `staging/<g>/<part>`; `staging/<g>.json` (its row count),
@@ -29,8 +29,8 @@ import numpy as np
 import tensorstore as ts
 from tqdm import tqdm
 
-from moedistill import cache, data
-from moedistill.data import DataSpec
+from moedistill.data import cache, sources
+from moedistill.data.sources import DataSpec
 from moedistill.errors import ConfigError, UserError
 
 FORMAT = "moedistill-tokens-v1"
@@ -113,7 +113,7 @@ def in_thread(gen, depth: int = 2):
 
 def text_batches(piece, spec: DataSpec):
   batch, chars = [], 0
-  for t in data.docs(piece, spec):
+  for t in sources.docs(piece, spec):
     batch.append(t)
     chars += len(t)
     if chars >= BATCH_CHARS:
@@ -265,12 +265,12 @@ def settings(spec: DataSpec, rows_per_chunk: int, codec: str, old_files=None,
              verify: bool = False) -> dict:
   """The tokens metadata the config asks for; file hashes reuse `old_files` where a file's
   size and mtime are unchanged (all re-hashed with `verify`)."""
-  files = data.file_records(spec, old_files, verify)
+  files = sources.file_records(spec, old_files, verify)
   # Settings before fingerprints: a refusal names the first difference, and the fingerprint
   # covers the settings too (a changed seq_len should be reported as seq_len).
   return {"format": FORMAT, "seq_len": spec.seq_len, "rows_per_chunk": rows_per_chunk,
-          "codec": codec, "tokenizer_hash": data.tokenizer_hash(spec.tokenizer),
-          "data_fingerprint": data.fingerprint(spec, files), "files": files, "complete": False}
+          "codec": codec, "tokenizer_hash": sources.tokenizer_hash(spec.tokenizer),
+          "data_fingerprint": sources.fingerprint(spec, files), "files": files, "complete": False}
 
 
 def check_existing(path: str, new: dict, overwrite: bool) -> dict | None:
@@ -321,7 +321,7 @@ def _precheck(spec: DataSpec, plist):
   """Bad input caught before anything is written: the first record of the first piece."""
   if not plist:
     raise ConfigError(f"data.source={list(spec.source)}: no documents (every file is empty)")
-  next(data.docs(plist[0], spec), None)
+  next(sources.docs(plist[0], spec), None)
 
 
 def build(spec: DataSpec, path: str, tok, *, rows_per_chunk: int, codec: str,
@@ -329,7 +329,7 @@ def build(spec: DataSpec, path: str, tok, *, rows_per_chunk: int, codec: str,
   """Runs the tokens phase (every process calls it); returns the complete tokens metadata."""
   import jax
   p, P = jax.process_index(), jax.process_count()
-  plist, empty_files = data.pieces(spec)
+  plist, empty_files = sources.pieces(spec)
   _precheck(spec, plist)
   if p == 0:  # the others need no fingerprint: hashing is done once
     old = cache.read_metadata(path, META)

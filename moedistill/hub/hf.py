@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moedistill import safetensors_io as st, sharding
+from moedistill import sharding
 from moedistill.errors import CheckpointFileError
-from moedistill.model.config import ModelConfig
+from moedistill.hub import safetensors_io as st
 from moedistill.model import moe
+from moedistill.model.config import ModelConfig
 from moedistill.model.layers import Runtime
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.model.shared_core import PROJS, Compression, merged_experts

@@ -19,13 +19,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from moedistill import optim, param_tree as P, sharding
-from moedistill.cache import CacheReader
-from moedistill.loader import Loader
-from moedistill.checkpoint import Checkpoints, abstract_like, restore_params
+from moedistill import sharding
 from moedistill.config import Job, Stage
+from moedistill.data.cache import CacheReader
+from moedistill.data.loader import Loader
 from moedistill.errors import UserError
-from moedistill.train_step import BATCH_KEYS, StepConfig, make_train_step
+from moedistill.training import optim, param_tree as P
+from moedistill.training.checkpoint import Checkpoints, abstract_like, restore_params
+from moedistill.training.train_step import BATCH_KEYS, StepConfig, make_train_step
 
 
 def stage_steps(stage: Stage, rows: int, batch_size: int) -> int:

@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moedistill.vocab_scan import chunk_logits, online_lse_update, scan_vocab
+from moedistill.training.vocab_scan import chunk_logits, online_lse_update, scan_vocab
 
 
 def _gather_in_chunk(z_nc, ids_nk, start):

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints: the key table, sharded load and streamed save, safetensors checks."""

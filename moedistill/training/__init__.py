@@ -1,0 +1,1 @@
+"""The distillation machinery: loss, fused vocab statistics, regex groups and optimizer, the jitted step, the stage loop, checkpoints and the sweep report."""
