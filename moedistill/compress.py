@@ -39,26 +39,30 @@ def factor_experts(w_eio, rank: int, freq_e=None):
   return core, u[:, :, :rank] * root[:, None, :], root[:, :, None] * vt[:, :rank, :]
 
 
-def routing_frequency(teacher, reader, max_rows: int = 256, batch: int = 8):
-  """Per MoE layer, how often each expert is among a token's top-k on cached rows."""
+def routing_frequency(teacher, reader, max_rows: int = 256, batch: int = 8, mesh=None):
+  """Per MoE layer, how often each expert is among a token's top-k on cached rows. With
+  `mesh` (the teacher's params on it) batches are sharded over it: every process calls this
+  and reads only its share of the rows."""
+  from moedistill.evaluate import read_batch, eval_batch_size
   cfg = teacher.config
   graphdef, state = nnx.split(teacher)
 
-  @jax.jit
-  def counts(state, tokens, segs):
-    _, aux = nnx.merge(graphdef, state).hidden(tokens, segs)
-    valid = (segs > 0).reshape(-1, 1).astype(jnp.float32)
+  def counts(state, batch):
+    _, aux = nnx.merge(graphdef, state).hidden(batch["tokens"], batch["segment_ids"])
+    valid = (batch["segment_ids"] > 0).reshape(-1, 1).astype(jnp.float32)
     out = []
     for logits in aux["router_logits"]:
       _, sel = jax.lax.top_k(logits.reshape(-1, cfg.num_experts), cfg.num_experts_per_tok)
       out.append(jnp.sum(jax.nn.one_hot(sel, cfg.num_experts).sum(1) * valid, 0))
     return out
 
+  counts = (jax.jit(counts) if mesh is None else jax.jit(
+      sharding.on_mesh(mesh, counts), out_shardings=sharding.replicated(mesh)))
   n = min(reader.rows, max_rows)
+  batch = eval_batch_size(mesh, batch)
   total = [np.zeros(cfg.num_experts) for _ in cfg.moe_layers]
   for lo in range(0, n, batch):
-    rows = reader.read_rows(np.arange(lo, min(lo + batch, n)))
-    for acc, c in zip(total, counts(state, rows["tokens"], rows["segment_ids"])):
+    for acc, c in zip(total, counts(state, read_batch(reader, lo, n, batch, mesh))):
       acc += np.asarray(c)
   return dict(zip(cfg.moe_layers, total))
 
@@ -171,7 +175,7 @@ def main(argv):
   freq = None
   if cache is not None:
     from moedistill.data.cache import CacheReader
-    freq = routing_frequency(teacher, CacheReader(cache), F.max_rows)
+    freq = routing_frequency(teacher, CacheReader(cache), F.max_rows, mesh=mesh)
   student, report = compress_model(teacher, comp, freq, mesh=mesh)
   first = jax.process_index() == 0
   if first:

@@ -56,7 +56,7 @@ def eval_batch_size(mesh, requested: int) -> int:
   return -(-requested // d) * d
 
 
-def _read_batch(reader: CacheReader, lo: int, n: int, batch_size: int, mesh):
+def read_batch(reader: CacheReader, lo: int, n: int, batch_size: int, mesh):
   """Rows lo.. of a fixed-shape batch; on a mesh each process reads only its share."""
   real = np.arange(lo, min(lo + batch_size, n))
   idx = np.pad(real, (0, batch_size - len(real)), mode="edge")
@@ -86,7 +86,7 @@ def evaluate_model(model, reader: CacheReader, *, temperature: float = 1.0,
   batch_size = eval_batch_size(mesh, batch_size)
   totals: dict[str, float] = {}
   for lo in range(0, n, batch_size):
-    sums = fn(_read_batch(reader, lo, n, batch_size, mesh))
+    sums = fn(read_batch(reader, lo, n, batch_size, mesh))
     for k, v in sums.items():
       if k in ("router_aux", "moe_dropped"):
         continue

@@ -12,10 +12,24 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moedistill import compress, sharding  # noqa: E402
-from moedistill.hub import hf
+from moedistill.hub import hf  # noqa: E402
 from moedistill.model.shared_core import Compression, merged_experts  # noqa: E402
 
 MESHES = ((1, 8, 1, 1), (2, 2, 2, 1), (1, 2, 2, 2))
+
+
+class Rows:
+  """A cache reader's row interface over fixed random rows (11: not a multiple of a batch)."""
+  rows = 11
+
+  def __init__(self, vocab):
+    g = np.random.default_rng(0)
+    self.tokens = g.integers(0, vocab, (self.rows, 16)).astype(np.int32)
+    self.segs = np.ones((self.rows, 16), np.int32)
+    self.segs[:, 12:] = 2
+
+  def read_rows(self, idx):
+    return {"tokens": self.tokens[idx].copy(), "segment_ids": self.segs[idx].copy()}
 
 
 def run(path):
@@ -23,11 +37,14 @@ def run(path):
   ref_teacher, _ = hf.load_model(path)
   ref, ref_report = compress.compress_model(ref_teacher, comp)
   ref_arrays = {k: np.asarray(v) for k, v in hf.state_arrays(ref).items()}
+  rows = Rows(ref_teacher.config.vocab_size)
+  ref_freq = compress.routing_frequency(ref_teacher, rows, batch=4)
   out = {}
   for shape in MESHES:
     mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
     teacher, _ = hf.load_model(path, put=sharding.sharded_put(mesh))
     student, report = compress.compress_model(teacher, comp, mesh=mesh)
+    freq = compress.routing_frequency(teacher, rows, batch=4, mesh=mesh)
     arrays = hf.state_arrays(student)
     rel = lambda a, b: float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())  # noqa: E731
     def merged(a, base, q):
@@ -43,7 +60,12 @@ def run(path):
         "factors_rel_diff": max(rel(arrays[k], ref_arrays[k]) for k in ref_arrays),
         "merged_rel_diff": max(rel(merged(arrays, *e), merged(ref_arrays, *e))
                                for e in experts),
-        "report_diff": report_diff, "keys_equal": arrays.keys() ==
+        "report_diff": report_diff,
+        # top-k choices per token: counts equal unless float noise flips a near-tie
+        "freq_max_diff": max(float(np.abs(freq[k] - ref_freq[k]).max()) for k in ref_freq),
+        "freq_total": sum(float(v.sum()) for v in freq.values()),
+        "freq_expected": float(rows.tokens.size * ref_teacher.config.num_experts_per_tok
+                               * len(ref_teacher.config.moe_layers)), "keys_equal": arrays.keys() ==
         ref_arrays.keys(),
         # how many devices hold a distinct slice of each wrapper/core param (1 = replicated)
         "min_shards": min(len({str(s.index) for s in v.addressable_shards})

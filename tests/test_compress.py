@@ -130,7 +130,7 @@ def test_routing_weighted_core(tmp_path, teacher_dir):
 def test_sharded_compress_equals_one_device(tmp_path):
   """compress on 8 forced CPU devices (fsdp, data x fsdp x expert, fsdp x expert x tensor
   meshes; 8 experts so the SVDs spread one expert per device) equals the one-device compress,
-  and the student comes out sharded."""
+  and the student comes out sharded; so does the routing frequency a weighted core uses."""
   import json
   import pathlib
   from conftest import make_hf_checkpoint
@@ -149,3 +149,5 @@ def test_sharded_compress_equals_one_device(tmp_path):
     assert o["report_diff"] < 1e-6, (mesh, o)
     assert o["merged_rel_diff"] < 1e-4 and o["factors_rel_diff"] < 1e-4, (mesh, o)
     assert o["min_shards"] >= 2, (mesh, o)  # every expert param split, none replicated
+    # routing frequency on the mesh (each process its share of the rows) == one device
+    assert o["freq_total"] == o["freq_expected"] and o["freq_max_diff"] == 0, (mesh, o)
