@@ -109,7 +109,7 @@ def open_checkpoint(path) -> tuple[dict[str, st.SafetensorsFile], dict]:
   raise CheckpointFileError(f"{path}: neither {SINGLE} nor {INDEX} found")
 
 
-def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend="ragged",
+def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend="auto",
                capacity_factor=1.25, remat="none", attention="auto", attention_block=512,
                scan_layers=False, ep_capacity_factor=0.0, put: Callable | None = None):
   """Returns (model, config). `put(abstract_var, src) -> jax.Array` places each param, where
