@@ -6,6 +6,15 @@ expert=8 against one device's FLOPs / 8. Nothing runs: compile only, abstract in
   python scripts/bench_expert_parallel.py [--rows 8 --seq 512] [--kind dense|core]
       [--backend sorted|ragged|capacity] [--ep_capacity_factor F] [--layouts expert=8,...]
 
+--run: wall time instead, of the layer's forward+backward really executed (random weights and
+inputs, even-ish routing) at narrower widths (--hidden, --moe_intermediate; 128 experts top-8),
+median of --repeats after a warm-up: one device against expert=8 with `capacity`, dropless
+`sorted` with worst-case buffers with and without the run-time skip of their empty tiles
+(gmm.tiled_matmul_live; "without" = one chunk, always computed), and `sorted` bounded at
+ep_capacity_factor 1.25. The 8 forced devices share this machine's cores, so the expert=8 wall
+time is the work of all 8 devices together: divided work with nothing wasted reads ~1x the one
+device's wall time, a buffer 8x the rows it holds reads ~8x.
+
 Collective bytes: the result shapes of every all-to-all / all-gather / reduce-scatter /
 all-reduce / collective-permute in the compiled (per-device) HLO, summed per kind. FLOPs:
 compiled.cost_analysis()["flops"] of the per-device program. On CPU, jax.lax.ragged_dot lowers
@@ -97,6 +106,59 @@ def compile_layer(cfg, kind: str, backend: str, mesh_shape, rows: int, seq: int,
   return fn.lower(state, x).compile()
 
 
+def timed_layer(cfg, backend: str, mesh_shape, rows: int, seq: int, ep_capacity_factor: float,
+                live_chunk_rows: int, repeats: int) -> float:
+  """Median seconds of one MoE layer's forward+backward, executed."""
+  import time
+  import numpy as np
+  from moedistill.model import gmm
+  gmm.LIVE_CHUNK_ROWS = live_chunk_rows
+  rt = Runtime(moe_backend=backend, ep_capacity_factor=ep_capacity_factor)
+  block = MoeBlock(cfg, rt, nnx.Rngs(0), DenseExperts(cfg, rt, nnx.Rngs(1)))
+  graphdef, state = nnx.split(block)
+  n = int(np.prod(mesh_shape))
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), jax.devices()[:n])
+  state = jax.tree.map(lambda v: v.replace(jax.device_put(v.get_value(), sharding.param_sharding(
+      mesh, v.shape, v.get_metadata().get("logical_axes")))), state,
+      is_leaf=lambda v: isinstance(v, nnx.Variable))
+  x = jax.device_put(np.random.RandomState(0).randn(rows, seq, cfg.hidden_size).astype(
+      np.float32), sharding.batch_sharding(mesh, 3))
+
+  def loss(state, x):
+    y, logits, _ = nnx.merge(graphdef, state)(x)
+    return jnp.sum(y * y) + jnp.sum(logits)
+
+  fn = jax.jit(sharding.on_mesh(mesh, jax.grad(loss, argnums=(0, 1))))
+  jax.block_until_ready(fn(state, x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(state, x))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def run_main(args):
+  cfg = dataclasses.replace(qwen3_30b_a3b(), num_hidden_layers=1, hidden_size=args.hidden,
+                            moe_intermediate_size=args.moe_intermediate)
+  print(f"MoE layer fwd+bwd executed: hidden {args.hidden}, {cfg.num_experts} experts top-"
+        f"{cfg.num_experts_per_tok}, moe_intermediate {args.moe_intermediate}, {args.rows}x"
+        f"{args.seq} tokens, float32, 8 forced CPU devices on {os.cpu_count()} cores, median of "
+        f"{args.repeats}", flush=True)
+  big = 1 << 40  # one chunk: every tile computed, the buffer's full size
+  cases = [("one device, sorted", "sorted", (1, 1, 1, 1), 0.0, big),
+           ("one device, capacity", "capacity", (1, 1, 1, 1), 0.0, big),
+           ("expert=8, capacity 1.25", "capacity", (1, 1, 8, 1), 0.0, big),
+           ("expert=8, sorted worst-case, no skip", "sorted", (1, 1, 8, 1), 0.0, big),
+           ("expert=8, sorted worst-case, skip", "sorted", (1, 1, 8, 1), 0.0, 512),
+           ("expert=8, sorted ep_capacity 1.25, skip", "sorted", (1, 1, 8, 1), 1.25, 512)]
+  base = None
+  for name, backend, shape, f, chunk in cases:
+    t = timed_layer(cfg, backend, shape, args.rows, args.seq, f, chunk, args.repeats)
+    base = base or t
+    print(f"{name:42} {t * 1e3:9.1f} ms  {t / base:5.2f}x one device (sorted)", flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--rows", type=int, default=8)
@@ -106,7 +168,13 @@ def main():
   ap.add_argument("--ep_capacity_factor", type=float, default=0.0,
                   help="dropless backends: bounded all-to-all buffers (0: worst case)")
   ap.add_argument("--layouts", default="data=8,fsdp=8,expert=8", help="subset of LAYOUTS")
+  ap.add_argument("--run", action="store_true", help="measure executed wall time (see top)")
+  ap.add_argument("--hidden", type=int, default=512, help="--run only")
+  ap.add_argument("--moe_intermediate", type=int, default=256, help="--run only")
+  ap.add_argument("--repeats", type=int, default=3, help="--run only")
   args = ap.parse_args()
+  if args.run:
+    return run_main(args)
   cfg = dataclasses.replace(qwen3_30b_a3b(), num_hidden_layers=1)
   print(f"MoE layer fwd+bwd, {args.kind} experts: hidden {cfg.hidden_size}, {cfg.num_experts} "
         f"experts top-{cfg.num_experts_per_tok}, moe_intermediate {cfg.moe_intermediate_size}, "

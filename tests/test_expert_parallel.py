@@ -2,7 +2,9 @@
 logits and gradients w.r.t. the input and every weight (float32), on meshes
 (data, fsdp, expert, tensor) = (8,1,1,1), (1,8,1,1), (1,1,8,1), (2,1,4,1), (1,1,4,2), with
 dense (teacher) and shared-core (student) experts, even and very uneven routing, the dropless
-and the capacity backends; a whole train step on (2,1,4,1); bad layouts refused before compiling.
+and the capacity backends; a whole train step on (2,1,4,1); bad layouts refused before compiling;
+the dropless `sorted` path's run-time skip of the empty receive tiles (gmm.tiled_matmul_live)
+against a plain dense product, value and gradients.
 
 The device work runs in a child process (`python tests/test_expert_parallel.py CASE...`) so the
 8 forced devices never leak into other tests; it prints one JSON line of max differences.
@@ -242,6 +244,8 @@ def bad_case(what: str) -> str:
 
 if __name__ == "__main__":
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  from moedistill.model import gmm
+  gmm.LIVE_CHUNK_ROWS = 8  # one 8-row tile per chunk: every receive tile's skip is decided
   out = {}
   for spec in sys.argv[1:]:
     kind, *args = spec.split(":")
@@ -342,3 +346,38 @@ def test_config_ep_capacity_factor_below_one_refused():
   c.model.ep_capacity_factor = 0.5
   with pytest.raises(ConfigError, match=r"^config.model.ep_capacity_factor=0.5: expected 0 "):
     job_from_config(c)
+
+
+def test_live_tiles_match_dense_and_skip_the_rest(monkeypatch):
+  """gmm.tiled_matmul_live with a run-time tile count: live chunks equal a plain per-row dense
+  product (value, dx, dW); the chunks past it are really skipped (their rows are not zero, their
+  outputs are), and their rows get no gradient."""
+  import jax
+  import jax.numpy as jnp
+  from moedistill.model import gmm
+  monkeypatch.setattr(gmm, "LIVE_CHUNK_ROWS", 8)  # tiles of 4 rows: chunks of 2 tiles
+  r = np.random.RandomState(0)
+  n, tile, e, d, f = 7, 4, 3, 5, 6
+  x = jnp.asarray(r.randn(n * tile, d), jnp.float32)
+  w = jnp.asarray(r.randn(e, d, f), jnp.float32)
+  te = jnp.asarray([0, 0, 1, 2, 2, 1, 0], jnp.int32)  # the last tiles: empty on device, not here
+  ct = jnp.asarray(r.randn(n * tile, f), jnp.float32)
+  e_r = jnp.repeat(te, tile)
+
+  def dense(x, w, keep_rows):
+    y = jnp.einsum("rd,rdf->rf", x, w[e_r])
+    return jnp.where(jnp.arange(n * tile)[:, None] < keep_rows, y, 0.0)
+
+  live_fn = jax.jit(lambda x, w, live: gmm.tiled_matmul_live(x, w, te, live))
+  for live, keep_tiles in ((4, 4), (3, 4), (7, 7), (0, 0)):  # whole chunks of 2 tiles
+    y = live_fn(x, w, live)
+    want = dense(x, w, keep_tiles * tile)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda x, w: jnp.sum(live_fn(x, w, live) * ct), argnums=(0, 1))(x, w)
+    g_ref = jax.grad(lambda x, w: jnp.sum(dense(x, w, keep_tiles * tile) * ct),
+                     argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(g[0], g_ref[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g[1], g_ref[1], rtol=1e-5, atol=1e-5)
+    if keep_tiles < n:
+      assert float(jnp.abs(x[keep_tiles * tile:]).max()) > 0  # the skip is what zeroes them
+  assert "conditional" in live_fn.lower(x, w, 3).compile().as_text()  # decided at run time

@@ -97,7 +97,8 @@ class RaggedExchange:
     ends = jnp.cumsum(recv_ne, axis=1)
     local_sb = jnp.sum(jnp.arange(self.bound)[None, :, None] >= ends[:, None, :], axis=-1)
     ones = jnp.ones((n * self.bound, 1), jnp.float32)
-    self.local = moe.make_dispatch(backend, local_sb.reshape(-1, 1).astype(jnp.int32), ones, el)
+    self.local = moe.make_dispatch(backend, local_sb.reshape(-1, 1).astype(jnp.int32), ones, el,
+                                   skip_empty=True)
     self.ragged = ragged_transport()
 
   def _send(self, a_mw):

@@ -107,6 +107,102 @@ def tiled_matmul(x_pd, w_edf, tile_expert_n):
   return y_ntf.reshape(x_pd.shape[0], -1)
 
 
+LIVE_CHUNK_ROWS = 512  # rows per skippable chunk: coarse enough that the loop costs nothing
+
+
+def _chunk_tiles(x_pd, tile_expert_n) -> int:
+  n = tile_expert_n.shape[0]
+  return min(n, max(1, LIVE_CHUNK_ROWS // (x_pd.shape[0] // n)))
+
+
+def _chunks(x_pd, tile_expert_n, g):
+  """[c, g, tile, d] chunks of g tiles (zero tiles appended to fill the last) and their experts."""
+  n = tile_expert_n.shape[0]
+  pad = -n % g
+  x_ntd = x_pd.reshape(n, -1, x_pd.shape[-1])
+  x_ntd = jnp.pad(x_ntd, ((0, pad), (0, 0), (0, 0)))
+  te = jnp.pad(tile_expert_n, (0, pad))
+  return x_ntd.reshape(-1, g, *x_ntd.shape[1:]), te.reshape(-1, g)
+
+
+def _live_fwd_loop(x_pd, w_edf, tile_expert_n, live):
+  g = _chunk_tiles(x_pd, tile_expert_n)
+  x_cgtd, te_cg = _chunks(x_pd, tile_expert_n, g)
+  w = w_edf.astype(x_pd.dtype)
+  axes = _varying_axes(x_pd, w)
+
+  def body(_, inp):
+    i, x_gtd, te_g = inp
+    y = jax.lax.cond(i * g < live,
+                     lambda: _vary(jnp.einsum("gtd,gdf->gtf", x_gtd, w[te_g]), axes),
+                     lambda: _vary(jnp.zeros((*x_gtd.shape[:2], w.shape[-1]), x_gtd.dtype), axes))
+    return None, y
+
+  _, y = jax.lax.scan(body, None, (jnp.arange(te_cg.shape[0]), x_cgtd, te_cg))
+  return y.reshape(-1, w.shape[-1])[: x_pd.shape[0]]
+
+
+@jax.custom_vjp
+def tiled_matmul_live(x_pd, w_edf, tile_expert_n, live):
+  """tiled_matmul where only the first `live` tiles hold rows (a run-time count): chunks of
+  tiles past it are skipped by lax.cond in a scan, forward and backward, so a worst-case-sized
+  buffer (expert parallelism's receive buffer) costs the rows it got, not its size. Rows of
+  skipped tiles read as zero outputs. Its own VJP: autodiff would add a whole [e, d, f]
+  gradient into the loop carry on every chunk, skipped or not."""
+  return _live_fwd_loop(x_pd, w_edf, tile_expert_n, live)
+
+
+def _live_fwd(x_pd, w_edf, tile_expert_n, live):
+  return _live_fwd_loop(x_pd, w_edf, tile_expert_n, live), (x_pd, w_edf, tile_expert_n, live)
+
+
+def _live_bwd(res, dy_pf):
+  x_pd, w_edf, tile_expert_n, live = res
+  g = _chunk_tiles(x_pd, tile_expert_n)
+  x_cgtd, te_cg = _chunks(x_pd, tile_expert_n, g)
+  dy_cgtf, _ = _chunks(dy_pf.astype(x_pd.dtype), tile_expert_n, g)
+  w = w_edf.astype(x_pd.dtype)
+  axes = _varying_axes(x_pd, w, dy_pf)
+
+  def live_chunk(dw, x_gtd, dy_gtf, te_g):
+    dx = jnp.einsum("gtf,gdf->gtd", dy_gtf, w[te_g])
+    dw_g = jnp.einsum("gtd,gtf->gdf", x_gtd, dy_gtf, preferred_element_type=jnp.float32)
+    return dw.at[te_g].add(dw_g), _vary(dx, axes)
+
+  def skipped_chunk(dw, x_gtd, dy_gtf, te_g):
+    return dw, _vary(jnp.zeros_like(x_gtd), axes)
+
+  def body(dw, inp):
+    i, x_gtd, dy_gtf, te_g = inp
+    return jax.lax.cond(i * g < live, live_chunk, skipped_chunk, dw, x_gtd, dy_gtf, te_g)
+
+  dw0 = _vary(jnp.zeros(w_edf.shape, jnp.float32), axes)
+  dw, dx = jax.lax.scan(body, dw0, (jnp.arange(te_cg.shape[0]), x_cgtd, dy_cgtf, te_cg))
+  dx = dx.reshape(-1, x_pd.shape[-1])[: x_pd.shape[0]]
+  return _typed_as(dx, x_pd), _typed_as(dw.astype(w_edf.dtype), w_edf), None, None
+
+
+tiled_matmul_live.defvjp(_live_fwd, _live_bwd)
+
+
+def _varying_axes(*refs) -> frozenset:
+  """The manual (shard_map) axes any of refs varies over; empty outside shard_map."""
+  return frozenset().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
+
+
+def _vary(z, axes):
+  """z marked varying over `axes`: loop carries and cond branches must agree on that type."""
+  missing = tuple(sorted(axes - _varying_axes(z)))
+  return jax.lax.pcast(z, missing, to="varying") if missing else z
+
+
+def _typed_as(ct, primal):
+  """A cotangent with its primal's varying axes: summed over the axes only the cotangent varies
+  over (the transpose of the implicit pcast where the primal met a varying operand)."""
+  extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+  return _vary(jax.lax.psum(ct, extra) if extra else ct, _varying_axes(primal))
+
+
 @jax.custom_vjp
 def gather_rows(x, idx, back_idx):
   """x[idx], rows of idx past the end of x reading 0. back_idx[i, :] lists the output rows that

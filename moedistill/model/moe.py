@@ -112,9 +112,12 @@ class SortedDispatch:
   rows start on a tile boundary, so each tile of `tile` rows belongs to one expert and the
   grouped matmul is one batched matmul over tiles (gmm.tiled_matmul). Rows: at most
   m + e * (tile - 1), so work and temporaries ~ routed copies x d x f, where XLA:CPU's
-  ragged_dot is a dense masked matmul (~ m x e x f). Rows move by gathers in both directions."""
+  ragged_dot is a dense masked matmul (~ m x e x f). Rows move by gathers in both directions.
+  skip_empty: rows with id num_experts are padding (expert parallelism's worst-case receive
+  buffer); the matmul skips the tiles past the real experts' at run time (gmm.tiled_matmul_live)."""
 
-  def __init__(self, experts_tk, weights_tk, num_experts: int, tile: int | None = None):
+  def __init__(self, experts_tk, weights_tk, num_experts: int, tile: int | None = None,
+               skip_empty: bool = False):
     t, k = experts_tk.shape
     m = t * k
     tile = tile or sorted_tile(m, num_experts)
@@ -134,6 +137,7 @@ class SortedDispatch:
     # Tiles past the used ones hold zero rows; they take the last expert.
     self.tile_expert = jnp.minimum(
         jnp.searchsorted(tile_end_e, jnp.arange(n_tiles), side="right"), num_experts - 1)
+    self.live = tile_end_e[-1] if skip_empty else None
     self.weights_tk = weights_tk
     self.dropped = jnp.zeros((), jnp.int32)
 
@@ -141,6 +145,8 @@ class SortedDispatch:
     return gmm.gather_rows(a_td, self.copy_p // self.k, self.pos_m.reshape(self.t, self.k))
 
   def gmm(self, a_pd, w_edf):
+    if self.live is not None:
+      return gmm.tiled_matmul_live(a_pd, w_edf, self.tile_expert, self.live)
     return gmm.tiled_matmul(a_pd, w_edf, self.tile_expert)
 
   def combine(self, y_pd):
@@ -170,11 +176,12 @@ def resolve_backend(name: str) -> str:
 
 
 def make_dispatch(backend: str, experts_tk, weights_tk, num_experts: int,
-                  capacity_factor: float = 1.25):
+                  capacity_factor: float = 1.25, skip_empty: bool = False):
+  """skip_empty: ids num_experts mark padding rows whose work `sorted` skips at run time."""
   if backend == "ragged":
     return RaggedDispatch(experts_tk, weights_tk, num_experts)
   if backend == "sorted":
-    return SortedDispatch(experts_tk, weights_tk, num_experts)
+    return SortedDispatch(experts_tk, weights_tk, num_experts, skip_empty=skip_empty)
   if backend == "ragged_vjp":  # the mgpu wiring with the exact reference kernel (any device)
     return RaggedDispatch(experts_tk, weights_tk, num_experts, gmm.ReferenceKernel())
   if backend == "mgpu":

@@ -1,0 +1,91 @@
+"""The whole train step under expert parallelism, as `python -m moedistill.plan` reports it: a
+teacher config.json with Qwen3-30B-A3B's widths (hidden 2048, 128 experts top-8, vocab 151936)
+and few layers, the `qwen3_30b_a3b` preset (bf16 compute, remat full, rank-128 student) with
+unscanned layers and one micro-batch (XLA's cost analysis counts a loop body once), stage
+`all`, on 8 forced CPU devices and on one. AOT compile only, nothing runs.
+
+  python scripts/bench_plan_ep.py [--backend capacity|sorted] [--ep_capacity_factor F]
+      [--rows 8 --seq 256] [--layers 4] [--meshes data=8,fsdp=8,expert=8] [--no_off]
+
+Prints per mesh, with expert parallelism on and off (MOEDISTILL_EXPERT_PARALLEL=0: XLA's
+automatic partitioning, the code before expert parallelism): FLOPs per device and their ratio
+to (one device's FLOPs / 8), bytes per device, and collective bytes per device for the step and
+per layer. Per layer = (step at L layers - step at L/2 layers) / (L/2): what each decoder layer
+adds, without the embedding, the lm_head and the loss.
+"""
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MESHES = {"one device": (1, 1, 1, 1), "data=8": (8, 1, 1, 1), "fsdp=8": (1, 8, 1, 1),
+          "expert=8": (1, 1, 8, 1), "data=2,expert=4": (2, 1, 4, 1)}
+GiB = 2**30
+
+
+def teacher_dir(layers: int, root: pathlib.Path) -> pathlib.Path:
+  sys.path.insert(0, str(ROOT))
+  from moedistill.model.config import qwen3_30b_a3b
+  import dataclasses
+  d = root / f"q30_{layers}l"
+  d.mkdir(exist_ok=True)
+  cfg = dataclasses.replace(qwen3_30b_a3b(), num_hidden_layers=layers)
+  (d / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+  return d
+
+
+def plan(teacher, shape, args, ep: bool) -> dict:
+  n = 1
+  for s in shape:
+    n *= s
+  cmd = [sys.executable, "-m", "moedistill.plan", "--config=configs/two_stage.py:qwen3_30b_a3b",
+         f"--config.teacher={teacher}", "--programs=train", f"--devices={n}",
+         "--config.model.scan_layers=False", "--config.train.micro_batches=1",
+         f"--config.train.batch_size={args.rows}", f"--config.data.seq_len={args.seq}",
+         "--config.stage_order=all", f"--config.model.moe_backend={args.backend}",
+         f"--config.model.ep_capacity_factor={args.ep_capacity_factor}",
+         *(f"--config.mesh.{a}={s}" for a, s in zip(("data", "fsdp", "expert", "tensor"), shape))]
+  env = dict(os.environ, MOEDISTILL_EXPERT_PARALLEL="1" if ep else "0")
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  if r.returncode:
+    sys.exit(f"plan failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+  return json.loads(r.stdout.strip().splitlines()[-1])["programs"]["train_all"]
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--backend", default="capacity", choices=("capacity", "sorted", "ragged"))
+  ap.add_argument("--ep_capacity_factor", type=float, default=0.0)
+  ap.add_argument("--rows", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=256)
+  ap.add_argument("--layers", type=int, default=4, help="even; per layer = difference to half")
+  ap.add_argument("--meshes", default="data=8,fsdp=8,expert=8")
+  ap.add_argument("--no_off", action="store_true", help="skip the EP-off (before) rows")
+  args = ap.parse_args()
+  with tempfile.TemporaryDirectory() as tmp:
+    full, half = (teacher_dir(n, pathlib.Path(tmp)) for n in (args.layers, args.layers // 2))
+    print(f"train step (stage all), Qwen3-30B-A3B widths, {args.layers} layers unscanned, "
+          f"{args.rows}x{args.seq} tokens, bf16 compute, backend {args.backend}, "
+          f"ep_capacity_factor {args.ep_capacity_factor}", flush=True)
+    one = plan(full, MESHES["one device"], args, True)
+    ideal = one["flops_per_device"] / 8
+    print(f"one device: {one['flops_per_device']:.4e} FLOP, /8 = {ideal:.4e}", flush=True)
+    print(f"{'mesh':16} {'EP':3} {'FLOP/dev':>10} {'x ideal':>7} {'GiB/dev':>8} "
+          f"{'coll GiB/step':>13} {'coll GiB/layer':>14}")
+    for name in args.meshes.split(","):
+      for ep in (True,) if args.no_off else (False, True):
+        a, b = plan(full, MESHES[name], args, ep), plan(half, MESHES[name], args, ep)
+        per_layer = (a["collective_bytes_per_device"] - b["collective_bytes_per_device"]) / (
+            args.layers - args.layers // 2)
+        print(f"{name:16} {'on' if ep else 'off':3} {a['flops_per_device']:10.4e} "
+              f"{a['flops_per_device'] / ideal:7.3f} {a['bytes_per_device'] / GiB:8.2f} "
+              f"{a['collective_bytes_per_device'] / GiB:13.3f} {per_layer / GiB:14.3f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+  main()
