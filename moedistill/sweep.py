@@ -99,12 +99,10 @@ def check_points(base, grid):
   return jobs
 
 
-def run_point(job, p: dict, teacher_eval: dict) -> dict:
-  """Train (or resume) one point, then evaluate its export on the held-out cache."""
-  from moedistill import train
+def finish_point(job, p: dict, export, teacher_eval: dict) -> dict:
+  """Evaluate a point's export on the held-out cache and write its result.json (last)."""
   from moedistill.data.cache import CacheReader
   from moedistill.report import evaluate_path
-  export = train.train(job)
   reader = CacheReader(job.cache_path("eval"))
   res = {"point": point_name(p), **p, **evaluate_path(job, export, reader)}
   res["kl_gap_to_teacher"] = res["kl"] - teacher_eval["kl"]
@@ -115,7 +113,77 @@ def run_point(job, p: dict, teacher_eval: dict) -> dict:
   return res
 
 
-def run_sweep(base, grid) -> dict:
+def run_point(job, p: dict, teacher_eval: dict) -> dict:
+  """Train (or resume) one point on the plain `train` code path, then evaluate it."""
+  from moedistill import train
+  return finish_point(job, p, train.train(job), teacher_eval)
+
+
+def run_group(jobs, grid, members, todo, mesh, teacher_eval) -> dict[int, dict]:
+  """Train grid points `members` as one batched program (sweep_batched), then export and
+  evaluate those in `todo` exactly as run_point does; {index: result}."""
+  from moedistill import train
+  from moedistill.training import sweep_batched as B
+  names = [point_name(grid[i]) for i in members]
+  group_dir = Path(jobs[0].workdir).parent / B.group_name(names)
+  trainer, stacked = B.train_group([jobs[i] for i in members], names, group_dir, mesh)
+  out = {}
+  for j, i in enumerate(members):
+    if i not in todo:
+      continue
+    Path(jobs[i].workdir).mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      B.split_metrics(group_dir, names[j], Path(jobs[i].workdir))
+    export = train.save_export(jobs[i], trainer.point_model(stacked, j))
+    out[i] = finish_point(jobs[i], grid[i], export, teacher_eval)
+  return out
+
+
+def batched_allowed(mode: str, job0, mesh) -> bool:
+  """Whether groups may be batched at all; `on` where they cannot is refused."""
+  why = ("a mesh of more than one device" if mesh.size > 1 or jax.process_count() > 1 else
+         "config.train.restart_from" if job0.train.restart_from else None)
+  if mode == "on" and why:
+    raise UserError(f"--sweep.batched=on: not available with {why}; use "
+                    "--sweep.batched=off")
+  return mode != "off" and why is None
+
+
+def auto_batches(n_points: int) -> bool:
+  """The measured rule for --sweep.batched=auto (README "Sweeps")."""
+  return jax.default_backend() == "cpu" and n_points >= 2
+
+
+def plan_groups(jobs, grid, done: set[int], mode: str, allowed: bool) -> list[tuple]:
+  """[(members, todo)]: points that share a program (same settings but alpha) train as one
+  group when batching applies; a group interrupted before all its points were written is
+  found again by its members.json and finished, not retrained."""
+  from moedistill.training.sweep_batched import group_key
+  by_key: dict[str, list[int]] = {}
+  for i, job in enumerate(jobs):
+    by_key.setdefault(group_key(job), []).append(i)
+  out = []
+  for idx in by_key.values():
+    todo = [i for i in idx if i not in done]
+    if not todo:
+      continue
+    members = _earlier_group(jobs, grid, idx, todo) or todo
+    batch = allowed and len(members) >= 2 and (mode == "on" or auto_batches(len(members)))
+    out += [(members, set(todo))] if batch else [([i], {i}) for i in todo]
+  return sorted(out, key=lambda g: min(g[0]))  # grid order
+
+
+def _earlier_group(jobs, grid, idx, todo) -> list[int] | None:
+  root = Path(jobs[idx[0]].workdir).parent
+  index = {point_name(grid[i]): i for i in idx}
+  for f in sorted(root.glob("_group_*/members.json")):
+    names = json.loads(f.read_text())
+    if set(names) <= set(index) and {point_name(grid[i]) for i in todo} <= set(names):
+      return [index[n] for n in names]
+  return None
+
+
+def run_sweep(base, grid, batched: str = "off") -> dict:
   from moedistill import train
   from moedistill.config import job_from_config
   from moedistill.data.cache import CacheReader
@@ -124,21 +192,26 @@ def run_sweep(base, grid) -> dict:
   jobs = check_points(base, grid)
   job0 = job_from_config(base)
   mesh = train.preflight(job0)
+  allowed = batched_allowed(batched, job0, mesh)
   train.ensure_caches(job0, mesh)
   train.ensure_student(job0, mesh)
   reader = CacheReader(job0.cache_path("eval"))
   refs = {"teacher": evaluate_path(job0, job0.teacher, reader),
           "zero_shot": evaluate_path(job0, job0.student_init, reader)}
-  results = []
-  for i, (job, p) in enumerate(zip(jobs, grid)):
-    done = Path(job.workdir, "result.json")
-    if done.exists():
-      print(f"[{i + 1}/{len(grid)}] {point_name(p)}: done, reused", flush=True)
-      results.append(json.loads(done.read_text()))
-      continue
-    print(f"[{i + 1}/{len(grid)}] {point_name(p)}: training", flush=True)
-    results.append(run_point(job, p, refs["teacher"]))
-  return write_sweep_report(Path(base.workdir) / "sweep", refs, results)
+  results = {i: json.loads(Path(job.workdir, "result.json").read_text())
+             for i, job in enumerate(jobs) if Path(job.workdir, "result.json").exists()}
+  for i in sorted(results):
+    print(f"[{i + 1}/{len(grid)}] {point_name(grid[i])}: done, reused", flush=True)
+  for members, todo in plan_groups(jobs, grid, set(results), batched, allowed):
+    names = ", ".join(point_name(grid[i]) for i in members)
+    if len(members) == 1:
+      print(f"[{members[0] + 1}/{len(grid)}] {names}: training", flush=True)
+      results[members[0]] = run_point(jobs[members[0]], grid[members[0]], refs["teacher"])
+    else:
+      print(f"[batched {len(members)}] {names}: training together", flush=True)
+      results.update(run_group(jobs, grid, members, todo, mesh, refs["teacher"]))
+  return write_sweep_report(Path(base.workdir) / "sweep", refs,
+                            [results[i] for i in range(len(grid))])
 
 
 def main(argv):
@@ -154,7 +227,7 @@ def main(argv):
     print("\n".join(point_name(p) for p in grid))
     return
   try:
-    report = run_sweep(FLAGS.config, grid)
+    report = run_sweep(FLAGS.config, grid, FLAGS["sweep.batched"].value)
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(0)
@@ -169,6 +242,10 @@ def define_sweep_flags():
     flags.DEFINE_list(f"sweep.{a}", None, f"values of {a} to sweep (comma-separated)")
   flags.DEFINE_string("sweep.stage_order", None,
                       "stage orders to sweep, separated by ':' (e.g. wrappers,all:all)")
+  flags.DEFINE_enum("sweep.batched", "auto", ["auto", "on", "off"],
+                    "train points that differ only in alpha together in one vmapped program: "
+                    "on, off (one at a time, each bit-identical to a plain train run), or "
+                    "auto (where measured faster; README \"Sweeps\")")
   flags.DEFINE_bool("sweep.check_only", False,
                     "check the config and every point, print the point names, train nothing")
   flags.DEFINE_string("sweep.points", None,

@@ -128,10 +128,14 @@ def train(job: Job, *, progress: bool = True, device_memory: int | None = None):
   check_against_cache(job, reader, student.config)
   trainer = Trainer(job, student, reader, mesh, progress=progress)
   from moedistill.training import param_tree as P
-  final = P.merge(trainer.graphdef, trainer.template, trainer.run())
-  export = workdir / "export"
-  # Every process: save_model gathers one param at a time (streamed), process 0 writes.
-  hf.save_model(final, export, merged=True, dtype=hf.checkpoint_dtype(job.teacher),
+  return save_export(job, P.merge(trainer.graphdef, trainer.template, trainer.run()))
+
+
+def save_export(job: Job, model) -> Path:
+  """The trained student in Hugging Face format at <workdir>/export. Every process:
+  save_model gathers one param at a time (streamed), process 0 writes."""
+  export = Path(job.workdir) / "export"
+  hf.save_model(model, export, merged=True, dtype=hf.checkpoint_dtype(job.teacher),
                 tokenizer_from=job.teacher)
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices("export written")

@@ -1,109 +1,77 @@
-"""Benchmark: sweep points trained one at a time against all points in one vmapped program.
+"""Benchmark: the whole sweep command, batched (one vmapped program per group of points)
+against sequential (one `train` run per point), in the same run.
 
-  python scripts/bench_sweep.py [--points=4] [--steps=40] [--batch=16]
+  python scripts/bench_sweep.py [--points=4] [--steps=40] [--batch=16] [--modes=off,on]
 
-On the embedded tiny teacher (its cache and zero-shot student under runs/two_stage, built if
-missing), stage `all`, points differing in alpha (the axis a batched program can share: one
-k and one stage plan). Prints, for sequential and vmapped, compile seconds, run seconds and
-steps/s summed over points, and the ratio. The sweep itself runs points one at a time (the
-`train` code path, bit-identical to a plain run); batching only pays where this ratio says so.
+On the embedded tiny teacher (its cache and zero-shot student under runs/two_stage, built by
+the demo): `python -m moedistill.sweep` over `--points` alpha values in
+0.3..0.9 (one group: same k, T and stage plan), both stages of configs/two_stage.py at
+`--steps` steps each, every mode in a fresh workdir under runs/bench_sweep/<mode> sharing the
+cache and student. Prints each mode's wall seconds (the whole command: start-up, held-out
+evaluation of teacher and zero-shot student, training, exports, per-point evaluation), the
+ratio, and how far the batched points' held-out figures are from the sequential ones.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
+import json
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from moedistill import sharding, train  # noqa: E402
-from moedistill.data.cache import CacheReader  # noqa: E402
-from moedistill.training.train_step import BATCH_KEYS, make_train_step  # noqa: E402
-from moedistill.training.trainer import Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "runs" / "two_stage"
 
 
-def setup(batch: int):
-  from ml_collections import config_flags  # noqa: F401 (config file loader below)
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("two_stage", "configs/two_stage.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  c.train.batch_size = batch
-  from moedistill.config import job_from_config
-  job = job_from_config(c)
-  mesh = train.preflight(job)
-  train.ensure_caches(job, mesh)
-  init = train.ensure_student(job, mesh)
-  reader = CacheReader(job.cache_path("train"))
-  return Trainer(job, train.load(job, init, mesh), reader, mesh, progress=False), mesh
+def ensure_base():
+  """The demo's cache and zero-shot student: built outside the timings (the first sweep
+  would otherwise build them inside its own)."""
+  if not (BASE / "student_init" / "config.json").exists():
+    sys.exit(f"{BASE} has no cache and student yet: run the demo first "
+             "(python -m moedistill.train --config=configs/two_stage.py)")
 
 
-def timed(fn, *args):
+def run_mode(mode: str, alphas: list[str], steps: int, batch: int) -> tuple[float, dict]:
+  workdir = ROOT / "runs" / "bench_sweep" / mode
+  shutil.rmtree(workdir, ignore_errors=True)
+  cmd = [sys.executable, "-m", "moedistill.sweep", "--config=configs/two_stage.py",
+         f"--config.workdir={workdir}", f"--config.cache.path={BASE / 'cache'}",
+         f"--config.student.init_from={BASE / 'student_init'}",
+         f"--config.stages.wrappers.steps={steps}", f"--config.stages.all.steps={steps}",
+         f"--config.train.batch_size={batch}", f"--sweep.alpha={','.join(alphas)}",
+         f"--sweep.batched={mode}"]
   t0 = time.perf_counter()
-  out = fn(*args)
-  jax.block_until_ready(out)
-  return out, time.perf_counter() - t0
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  wall = time.perf_counter() - t0
+  if out.returncode:
+    sys.exit(f"{mode}: exit {out.returncode}\n{out.stderr[-3000:]}")
+  report = json.loads((workdir / "sweep" / "report.json").read_text())
+  return wall, {r["point"]: r for r in report["points"]}
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--points", type=int, default=4)
-  ap.add_argument("--steps", type=int, default=40)
+  ap.add_argument("--steps", type=int, default=40, help="steps in each of the two stages")
   ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--modes", default="off,on")
   a = ap.parse_args()
-  tr, mesh = setup(a.batch)
-  i = [s.name for s in tr.job.train.stages].index("all")
-  stage, tx, paths, _ = tr._stage_setup(i)
-  trainable, frozen = tr._split(paths)
-  sc = tr._step_config(stage)
-  alphas = jnp.linspace(0.3, 0.9, a.points)
-  batches = [{k: sharding.global_batch(mesh, v[k]) for k in BATCH_KEYS}
-             for v in (tr._batch(s) for s in range(a.steps))]
-
-  # Sequential: one compiled program per point (alpha is static in the train step).
-  seq_compile = seq_run = 0.0
-  for alpha in alphas:
-    step = jax.jit(make_train_step(tr.graphdef, tr.template, tx,
-                                   dataclasses.replace(sc, alpha=float(alpha))))
-    p, o = trainable, tx.init(trainable)
-    (p, o, _), dt = timed(step, p, frozen, o, batches[0])
-    seq_compile += dt
-    t0 = time.perf_counter()
-    for b in batches[1:]:
-      p, o, _ = step(p, frozen, o, b)
-    jax.block_until_ready(p)
-    seq_run += time.perf_counter() - t0
-
-  # Batched: every point in one program, alpha a vmapped argument.
-  def one(p, o, alpha, batch):
-    return make_train_step(tr.graphdef, tr.template, tx,
-                           dataclasses.replace(sc, alpha=alpha))(p, frozen, o, batch)
-  vstep = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None)))
-  stack = lambda t: jax.tree.map(lambda x: jnp.stack([x] * a.points), t)  # noqa: E731
-  p, o = stack(trainable), stack(tx.init(trainable))
-  (p, o, _), vec_compile = timed(vstep, p, o, alphas, batches[0])
-  t0 = time.perf_counter()
-  for b in batches[1:]:
-    p, o, _ = vstep(p, o, alphas, b)
-  jax.block_until_ready(p)
-  vec_run = time.perf_counter() - t0
-
-  n = a.points * (a.steps - 1)
-  print(f"points={a.points} steps={a.steps} batch={a.batch} rows x {tr.reader.meta['seq_len']}")
-  print(f"sequential: compile {seq_compile:6.2f}s  run {seq_run:6.2f}s  {n / seq_run:7.1f} "
-        "point-steps/s")
-  print(f"vmapped:    compile {vec_compile:6.2f}s  run {vec_run:6.2f}s  {n / vec_run:7.1f} "
-        "point-steps/s")
-  print(f"vmapped / sequential speed: run {seq_run / vec_run:.2f}x, with compile "
-        f"{(seq_compile + seq_run) / (vec_compile + vec_run):.2f}x")
+  ensure_base()
+  alphas = [f"{0.3 + 0.6 * i / max(a.points - 1, 1):.2f}" for i in range(a.points)]
+  runs = {m: run_mode(m, alphas, a.steps, a.batch) for m in a.modes.split(",")}
+  print(f"points={a.points} (alpha {','.join(alphas)}) steps={a.steps}+{a.steps} "
+        f"batch={a.batch} rows")
+  for m, (wall, _) in runs.items():
+    print(f"sweep --sweep.batched={m:<4} {wall:7.1f} s  "
+          f"{a.points * 2 * a.steps / wall:6.2f} point-steps/s")
+  if {"off", "on"} <= set(runs):
+    (seq, p_seq), (bat, p_bat) = runs["off"], runs["on"]
+    print(f"batched / sequential speed: {seq / bat:.2f}x")
+    for key in ("kl", "ppl", "ce"):
+      rel = max(abs(p_bat[n][key] - p_seq[n][key]) / abs(p_seq[n][key]) for n in p_seq)
+      print(f"largest relative difference of a point's held-out {key}: {rel:.2e}")
 
 
 if __name__ == "__main__":

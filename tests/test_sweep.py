@@ -123,3 +123,96 @@ def test_bad_grid_one_line_nothing_written(teacher, tmp_path, args, needle):
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and needle in lines[0], out.stderr
   assert not Path(c.workdir).exists()
+
+
+@pytest.fixture(scope="module")
+def built(teacher):
+  """A cache and zero-shot student that the batched-sweep tests share."""
+  from moedistill import train
+  tmp, t = teacher
+  job = job_from_config(small(tmp / "base", t))
+  mesh = train.preflight(job)
+  train.ensure_caches(job, mesh)
+  train.ensure_student(job, mesh)
+  return job
+
+
+def on_built(tmp, t, built, name):
+  c = small(tmp / name, t)
+  c.cache.path, c.student.init_from = built.cache.path, built.student_init
+  c.train.checkpoint_every = 1
+  return c
+
+
+def test_batched_groups_points_that_differ_only_in_alpha(teacher, tmp_path):
+  from moedistill.sweep import parse_grid, plan_groups, point_config, point_name
+  _, t = teacher
+  c = small(tmp_path, t)
+  grid = parse_grid({"alpha": ["0.5", "0.9"], "k": ["4", "8"], "temperature": None,
+                     "stage_order": None}, None)
+  jobs = [job_from_config(point_config(c, p)) for p in grid]
+  names = lambda groups: [[point_name(grid[i]) for i in m] for m, _ in groups]  # noqa: E731
+  assert names(plan_groups(jobs, grid, set(), "on", True)) == [
+      ["a0.5_k4", "a0.9_k4"], ["a0.5_k8", "a0.9_k8"]]
+  assert names(plan_groups(jobs, grid, set(), "off", False)) == [[point_name(p)] for p in grid]
+  # a done point leaves its group; a group dir that holds it (killed between exports) is
+  # finished as it was, its done point not exported again
+  assert names(plan_groups(jobs, grid, {0}, "on", True)) == [["a0.5_k8", "a0.9_k8"], ["a0.9_k4"]]
+  g = Path(jobs[0].workdir).parent / "_group_x"
+  g.mkdir(parents=True)
+  (g / "members.json").write_text(json.dumps(["a0.5_k4", "a0.9_k4"]))
+  groups = plan_groups(jobs, grid, {0}, "on", True)
+  assert names(groups)[0] == ["a0.5_k4", "a0.9_k4"] and groups[0][1] == {2}
+
+
+def test_batched_on_refused_where_it_cannot_run(teacher, tmp_path):
+  from types import SimpleNamespace
+
+  from moedistill.errors import UserError
+  from moedistill.sweep import batched_allowed
+  _, t = teacher
+  job = job_from_config(small(tmp_path, t))
+  with pytest.raises(UserError, match="--sweep.batched=on: not available with a mesh of more"):
+    batched_allowed("on", job, SimpleNamespace(size=2))
+  assert not batched_allowed("auto", job, SimpleNamespace(size=2))
+  assert batched_allowed("auto", job, SimpleNamespace(size=1))
+
+
+def test_batched_sweep_kill_resume_and_close_to_sequential(teacher, built):
+  """SIGKILL inside the group's training, rerun: the result equals an uninterrupted batched
+  run to the bit, and a sequential (plain train) point to a relative 1e-5."""
+  from moedistill.sweep import run_sweep
+  tmp, t = teacher
+  c = on_built(tmp, t, built, "batched")
+  cfg = write_config_file(tmp, c, "batched_cfg.py")
+  root = Path(c.workdir) / "sweep"
+  cmd = _sweep(cfg, "--sweep.alpha=0.5,0.9", "--sweep.batched=on")
+  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 600
+  while not list(root.glob("_group_*/checkpoints/4")) and p.poll() is None \
+      and time.time() < deadline:
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert list(root.glob("_group_*/checkpoints/4")) and not list(root.glob("*/result.json"))
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "training together" in out.stdout and "resumed from" in out.stdout
+  resumed = json.loads((root / "report.json").read_text())["points"]
+  assert [r["point"] for r in resumed] == ["a0.5", "a0.9"]
+
+  grid = [{"alpha": 0.5}, {"alpha": 0.9}]
+  once = run_sweep(on_built(tmp, t, built, "batched_once"), grid, "on")["points"]
+  seq = run_sweep(on_built(tmp, t, built, "sequential"), grid[1:], "off")["points"]
+  for key in ("kl", "ppl", "top1_agreement", "ce"):
+    assert [r[key] for r in resumed] == [r[key] for r in once], key
+    np.testing.assert_allclose(resumed[1][key], seq[0][key], rtol=1e-5, err_msg=key)
+  assert resumed[0]["kl"] != resumed[1]["kl"]  # the points really trained apart
+  point = lambda name, r: Path(r, "sweep", name, "export", "model.safetensors")  # noqa: E731
+  assert point("a0.9", c.workdir).read_bytes() == point("a0.9", tmp / "batched_once" /
+                                                        "run").read_bytes()
+  # each point's own metrics.jsonl, as a sequential point writes it
+  losses = lambda r: [json.loads(x)["loss"] for x in  # noqa: E731
+                      Path(r, "sweep", "a0.9", "metrics.jsonl").read_text().splitlines()]
+  np.testing.assert_allclose(losses(tmp / "batched_once" / "run"),
+                             losses(tmp / "sequential" / "run"), rtol=1e-5)

@@ -194,6 +194,10 @@ class Trainer:
     return jit_train_step(self.graphdef, self.template, tx, self._step_config(stage),
                           trainable, opt_state, self.mesh)
 
+  def _host_metrics(self, m) -> dict:
+    """The step's metrics as the floats that are logged (a batched sweep adds per point)."""
+    return {k: float(v) for k, v in jax.device_get(m).items()}
+
   def _stop_if_not_finite(self, m, stage: Stage, s: int, g: int, bar):
     if np.isfinite(m["loss"]):
       return
@@ -221,7 +225,7 @@ class Trainer:
         nxt = self.pool.submit(self._batch, off + s)  # read ahead while this step runs
       batch = {k: sharding.global_batch(self.mesh, local[k]) for k in BATCH_KEYS}
       trainable, opt_state, m = step_fn(trainable, frozen, opt_state, batch)
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      m = self._host_metrics(m)
       self._stop_if_not_finite(m, stage, s, off + s, bar)
       tps = tokens_per_step * (s - s0) / max(time.time() - t0, 1e-9)
       bar.update(1)
