@@ -47,6 +47,7 @@ def plan(teacher, shape, args, ep: bool) -> dict:
          "--config.model.scan_layers=False", "--config.train.micro_batches=1",
          f"--config.train.batch_size={args.rows}", f"--config.data.seq_len={args.seq}",
          "--config.stage_order=all", f"--config.model.moe_backend={args.backend}",
+         "--device_memory=1TiB",  # figures, not a fit: one device holds the whole model
          f"--config.model.ep_capacity_factor={args.ep_capacity_factor}",
          *(f"--config.mesh.{a}={s}" for a, s in zip(("data", "fsdp", "expert", "tensor"), shape))]
   env = dict(os.environ, MOEDISTILL_EXPERT_PARALLEL="1" if ep else "0")

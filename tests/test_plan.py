@@ -131,3 +131,25 @@ def test_train_refuses_before_reading_weights(tmp_path, teacher_dir):
   np.testing.assert_equal(sorted(p.name for p in tmp_path.iterdir()),
                           sorted(["teacher", "train.jsonl", "eval.jsonl", "job_config.py",
                                   "job_config.py.json"]))
+
+
+def _train_flops(data, fsdp, expert, env=None):
+  r = run_cli("moedistill.plan", f"--devices={data * fsdp * expert}",
+              "--config=configs/two_stage.py", "--programs=train", "--config.stage_order=all",
+              "--config.model.moe_backend=capacity", "--config.data.seq_len=32",
+              f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
+              f"--config.mesh.expert={expert}", env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])["programs"]["train_all"][
+      "flops_per_device"]
+
+
+def test_train_step_flops_divide_over_8_devices():
+  """The whole train step (unscanned, one micro-batch: XLA counts a loop body once) on 8 forced
+  devices does at most 1.25x (one device's FLOPs / 8) per device on data=8, fsdp=8, expert=8;
+  without expert parallelism data=8 leaves each device the whole batch's MoE work."""
+  ideal = _train_flops(1, 1, 1) / 8
+  for mesh in ((8, 1, 1), (1, 8, 1), (1, 1, 8)):
+    assert _train_flops(*mesh) <= 1.25 * ideal, mesh
+  off = {"MOEDISTILL_EXPERT_PARALLEL": "0"}
+  assert _train_flops(8, 1, 1, env=off) > 1.5 * ideal  # what expert parallelism fixed
