@@ -8,10 +8,11 @@ the pipeline's own costs show), then measures in the same run:
   baseline   raw `tokenizers` `encode_batch_fast` over 64 MiB of the corpus's text already in
              memory (all cores), tokens/s, right before each size's run;
   tokens     `moedistill.data.tokens.build` (the `--phase=tokens` code) over the whole corpus in a
-             child process: wall time, tokens/s (packed tokens incl. EOS / wall), the child's
-             peak RSS (wait4 rusage of that child alone).
-Prints JSON with the ratio tokens/s / baseline and each size's peak RSS. Deletes the corpora
-unless --keep.
+             child process: wall time from the call (after imports), tokens/s (packed tokens
+             incl. EOS / wall), the child's peak RSS and CPU time (wait4 rusage of that child).
+Prints JSON with the ratio tokens/s / baseline, the same ratio in CPU seconds per token (all
+threads; less sensitive to other jobs on a shared machine) and each size's peak RSS. Deletes
+the corpora unless --keep.
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ BLOCK = 64 * 2**20
 CHILD = """
 import sys, time, json
 sys.path.insert(0, {root!r})
+import jax  # loaded at startup by the command too: not part of the phase's time
 from moedistill.data import sources, tokens
 spec = sources.DataSpec(source=({corpus!r},), tokenizer={tok!r}, seq_len=1024)
 tok = sources.load_tokenizer({tok!r})
@@ -83,15 +85,16 @@ def make_tokenizer(block: bytes, out: Path, kind: str):
   PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
 
 
-def baseline(block: bytes, tok_dir: Path) -> float:
+def baseline(block: bytes, tok_dir: Path) -> tuple[float, float]:
+  """(tokens/s, CPU seconds per million tokens, all threads) of plain batch encoding."""
   from tokenizers import Tokenizer
   tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
   texts = [json.loads(x)["text"] for x in block.decode().splitlines()]
   batches = [texts[i:i + 1024] for i in range(0, len(texts), 1024)]
-  t0, n = time.perf_counter(), 0
+  t0, c0, n = time.perf_counter(), time.process_time(), 0
   for b in batches:
     n += sum(len(e.ids) for e in tok.encode_batch_fast(b, add_special_tokens=False))
-  return n / (time.perf_counter() - t0)
+  return n / (time.perf_counter() - t0), (time.process_time() - c0) / n * 1e6
 
 
 def run_child(corpus: Path, tok_dir: Path, store: Path) -> dict:
@@ -105,6 +108,9 @@ def run_child(corpus: Path, tok_dir: Path, store: Path) -> dict:
   res = json.loads(out.strip().splitlines()[-1])
   res["peak_rss_mib"] = round(usage.ru_maxrss / 1024)
   res["tokens_per_s"] = round(res["stats"]["tokens"] / res["seconds"])
+  # CPU of the whole child (startup included), all threads: less sensitive to other load
+  res["cpu_s_per_mtok"] = round((usage.ru_utime + usage.ru_stime) / res["stats"]["tokens"] * 1e6,
+                                3)
   return res
 
 
@@ -124,10 +130,12 @@ def main():
     for gb in [float(x) for x in a.gb.split(",")]:
       corpus = work / f"corpus_{gb:g}gb.jsonl"
       write_corpus(corpus, gb, block)
-      base = round(baseline(block, work / "tok"))  # right before: the machine's load drifts
+      base, base_cpu = baseline(block, work / "tok")  # right before: the load drifts
       r = run_child(corpus, work / "tok", work / f"store_{gb:g}")
-      r.update(corpus_bytes=corpus.stat().st_size, baseline_tokens_per_s=base,
-               ratio_to_baseline=round(r["tokens_per_s"] / base, 3))
+      r.update(corpus_bytes=corpus.stat().st_size, baseline_tokens_per_s=round(base),
+               ratio_to_baseline=round(r["tokens_per_s"] / base, 3),
+               baseline_cpu_s_per_mtok=round(base_cpu, 3),
+               cpu_ratio_to_baseline=round(base_cpu / r["cpu_s_per_mtok"], 3))
       res["runs"].append(r)
       corpus.unlink()
       shutil.rmtree(work / f"store_{gb:g}")

@@ -168,6 +168,42 @@ def test_sigkill_resumes_bit_identically(tmp_path, teacher_dir):
   np.testing.assert_array_equal(s, ref_s)
 
 
+class Killed(Exception):
+  pass
+
+
+def test_assembly_resumes_by_mark_chunk_with_another_process_count(tmp_path, tok_dir,
+                                                                    monkeypatch):
+  """Assembly stopped after process 0 of 2 wrote its half: a 1-process rerun writes only the
+  other mark chunks (whole `tokens_done` chunks, one write each), and the rows are right."""
+  monkeypatch.setattr(cache, "TOKEN_MARKS_PER_CHUNK", 4)
+  files = [write_jsonl(tmp_path / "a.jsonl", 300, 3)]
+  marked, real = [], tokens._mark
+  monkeypatch.setattr(tokens, "_mark", lambda m, w, lo, hi: marked.append((lo, hi)) or real(
+      m, w, lo, hi))
+  assemble = tokens.assemble_mine
+
+  def killed(path, meta, counts, p, P):
+    assemble(path, meta, counts, 0, 2)
+    raise Killed
+
+  monkeypatch.setattr(tokens, "assemble_mine", killed)
+  with pytest.raises(Killed):
+    build(files, tok_dir, tmp_path / "s")
+  first = list(marked)
+  monkeypatch.setattr(tokens, "assemble_mine", assemble)
+  meta = build(files, tok_dir, tmp_path / "s")
+  n_marks = -(-meta["rows"] // 4 // 4)
+  assert n_marks >= 8 and first == [(4 * b, 4 * b + 4) for b in range(n_marks // 2)]
+  assert sorted(marked) == [(4 * b, min(4 * b + 4, -(-meta["rows"] // 4)))
+                            for b in range(n_marks)]  # each mark chunk written once
+  assert len(list((tmp_path / "s").glob("tokens_done/c/*"))) == n_marks
+  ref_t, ref_s = reference_rows(files, tok_dir, 2048)
+  _, t, s = read_tokens(str(tmp_path / "s"))
+  np.testing.assert_array_equal(t, ref_t)
+  np.testing.assert_array_equal(s, ref_s)
+
+
 def test_max_rows_reads_only_what_it_needs(tmp_path, tok_dir):
   files = [write_jsonl(tmp_path / f"m{i}.jsonl", 4000, i) for i in range(4)]
   t0 = time.perf_counter()
@@ -220,6 +256,16 @@ def test_bad_records_name_file_and_line(tmp_path, tok_dir, name, content, expect
     build([str(f)], tok_dir, tmp_path / "s")
   assert expected.format(f=f) in str(e.value), str(e.value)
   assert "\n" not in str(e.value)
+
+
+def test_parquet_column_not_text(tmp_path, tok_dir):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  f = tmp_path / "n.parquet"
+  pq.write_table(pa.table({"text": [1, 2]}), f)
+  with pytest.raises(ConfigError, match=f"'text' in {f} is a int64 column, expected strings"):
+    build([str(f)], tok_dir, tmp_path / "s")
+  assert not os.path.exists(tmp_path / "s")
 
 
 def test_precheck_writes_nothing(tmp_path, tok_dir):

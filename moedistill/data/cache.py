@@ -57,6 +57,11 @@ def join(path: str, *parts: str) -> str:
   return os.path.join(path, *parts)
 
 
+# Row chunks per `tokens_done` chunk: the tokens phase marks that many chunks with one write
+# (each write is a file or an object, ~1 ms each); process ranges are whole mark chunks.
+TOKEN_MARKS_PER_CHUNK = 64
+
+
 def token_layout(rows: int, seq_len: int, rows_per_chunk: int):
   return {"tokens": (np.int32, (rows, seq_len)), "segment_ids": (np.int32, (rows, seq_len)),
           "tokens_done": (np.uint8, (-(-rows // rows_per_chunk),))}
@@ -95,7 +100,7 @@ def open_arrays(path: str, meta: dict, create: bool = False, names=None,
   for name, (dtype, shape) in (layout or array_layout(meta)).items():
     if names is not None and name not in names:
       continue
-    chunk0 = 1 if name in ("done", "tokens_done") else meta["rows_per_chunk"]
+    chunk0 = {"done": 1, "tokens_done": TOKEN_MARKS_PER_CHUNK}.get(name, meta["rows_per_chunk"])
     spec = _spec(path, name, dtype, shape, chunk0, meta["codec"])
     if not create:
       spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}

@@ -159,11 +159,16 @@ def docs(piece: Piece, spec: DataSpec):
   if piece.kind in ("jsonl", "text"):
     yield from _line_docs(piece, spec)
   elif piece.kind == "parquet":
+    import pyarrow as pa
     import pyarrow.parquet as pq
     pf = pq.ParquetFile(piece.where)
     if spec.text_field not in pf.schema_arrow.names:
       raise ConfigError(f"data.text_field={spec.text_field!r} not in {piece.where}; columns "
                         f"are {pf.schema_arrow.names}")
+    kind = pf.schema_arrow.field(spec.text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+      raise ConfigError(f"data.text_field={spec.text_field!r} in {piece.where} is a {kind} "
+                        "column, expected strings")
     for t in pf.read_row_group(piece.part, columns=[spec.text_field]).column(0).to_pylist():
       yield t or ""
   elif piece.kind == "json":

@@ -2,12 +2,12 @@
 
 Two steps, both resumable and split between processes:
 1. Pieces (`sources.pieces`: fixed by the data alone) go round-robin, piece g to process g % P.
-   Each is streamed, tokenized in batches (the Rust tokenizer's `encode_batch_fast`, on all
-   cores, while a thread parses the next batch), packed on its own (documents + EOS, the last
-   row padded) and staged as `staging/<g>/<part>`; `staging/<g>.json` (its row count),
-   written last, marks it done.
+   Each is streamed through three threads (one parses text batches, one encodes them with the
+   Rust tokenizer's `encode_batch_fast` on all cores, this one packs and stages the previous
+   batch), packed on its own (documents + EOS, the last row padded) and staged as
+   `staging/<g>/<part>`; `staging/<g>.json` (its row count), written last, marks it done.
 2. After a barrier every piece's row offset is a prefix sum; each process assembles a
-   contiguous range of the final row chunks from the staged parts (`tokens_done` marks them),
+   contiguous range of whole `tokens_done` chunks (64 row chunks each, marked by one write),
    then the staging area is deleted.
 So the rows are the same for any process count, a killed run redoes at most one piece per
 process plus unmarked chunks, and memory is one text batch and one staged part whatever the
@@ -123,6 +123,13 @@ def text_batches(piece, spec: DataSpec):
     yield batch
 
 
+def id_batches(piece, spec: DataSpec, backend):
+  """Token ids of the piece's text batches; run in a thread, batch n+1 is encoded (Rust, GIL
+  released) while batch n is packed and staged, and a second thread parses batch n+2."""
+  for texts in in_thread(text_batches(piece, spec)):
+    yield encode(backend, texts)
+
+
 def _part_spec(path, g: int, j: int, shape):
   return {"driver": "zarr3", "kvstore": cache.kvstore_spec(path, f"{STAGING}{g:08d}/{j:05d}/"),
           "metadata": {"shape": list(shape), "data_type": "int32",
@@ -145,9 +152,8 @@ def stage_piece(path: str, g: int, piece, spec: DataSpec, tok) -> dict:
   packer = Packer(spec.seq_len, tok.eos_token_id,
                   tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
   parts, blocks, pending = [], [], None
-  backend = tok.backend_tokenizer
-  for texts in in_thread(text_batches(piece, spec)):
-    blocks.append(packer.add(encode(backend, texts)))
+  for ids in in_thread(id_batches(piece, spec, tok.backend_tokenizer)):
+    blocks.append(packer.add(ids))
     if sum(len(t) for t, _ in blocks) * spec.seq_len >= PART_TOKENS:
       pending and pending.result()  # one part in flight: memory stays bounded
       pending, m = _stage_part(path, g, len(parts), blocks)
@@ -237,28 +243,42 @@ class _Parts:
     return np.concatenate(out)
 
 
-def assemble_mine(path, meta: dict, counts, p: int, P: int, batch: int = 64):
-  """Writes process p's contiguous range of final row chunks from the staged parts, `batch`
-  chunks at a time (a chunk's done mark is one small write: marking them together is faster)."""
+def _mark_batches(done: np.ndarray, per: int, p: int, P: int):
+  """Process p's batches of `per` row chunks (a contiguous range of whole `tokens_done`
+  chunks, so no two processes write one mark chunk), those not all marked done."""
+  nb = -(-len(done) // per)
+  lo_hi = ((b * per, min(b * per + per, len(done))) for b in range(p * nb // P, (p + 1) * nb // P))
+  return [(lo, hi) for lo, hi in lo_hi if not done[lo:hi].all()]
+
+
+def assemble_mine(path, meta: dict, counts, p: int, P: int):
+  """Writes process p's contiguous range of final row chunks from the staged parts, one
+  `tokens_done` chunk's worth of row chunks per batch, marked by one write once its rows are
+  durably written. Batch b+1 is read and its writes issued before batch b is waited on."""
   R, n = meta["rows_per_chunk"], meta["rows"]
   arrays = cache.open_arrays(path, meta, layout=cache.token_layout(n, meta["seq_len"], R),
                              context=cache.ONCE)
-  done = arrays["tokens_done"].read().result()
-  parts = [_record(path, g)["parts"] for g in range(len(counts))]
-  staged = _Parts(path, counts, parts)
-  todo = [c for c in range(p * len(done) // P, (p + 1) * len(done) // P) if not done[c]]
-  for k in range(0, len(todo), batch):
-    futs = []
-    for c in todo[k:k + batch]:
-      rows = staged.rows(c * R, min(c * R + R, n))
-      sl = slice(c * R, c * R + len(rows))
-      futs += [arrays["tokens"][sl].write(rows[:, 0]),
-               arrays["segment_ids"][sl].write(rows[:, 1])]
-    for f in futs:  # a chunk is marked done only after its rows are durably written
-      f.result()
-    marks = [arrays["tokens_done"][c].write(np.uint8(1)) for c in todo[k:k + batch]]
-    for f in marks:
-      f.result()
+  marks = arrays["tokens_done"]
+  done = marks.read().result()
+  staged = _Parts(path, counts, [_record(path, g)["parts"] for g in range(len(counts))])
+  pending, marking = None, []
+  for lo, hi in _mark_batches(done, marks.chunk_layout.write_chunk.shape[0], p, P):
+    rows = staged.rows(lo * R, min(hi * R, n))
+    sl = slice(lo * R, lo * R + len(rows))
+    writes = [arrays["tokens"][sl].write(rows[:, 0]), arrays["segment_ids"][sl].write(rows[:, 1])]
+    if pending:
+      marking.append(_mark(marks, *pending))
+    pending = (writes, lo, hi)
+  if pending:
+    marking.append(_mark(marks, *pending))
+  for f in marking:
+    f.result()
+
+
+def _mark(marks, writes, lo, hi):
+  for f in writes:
+    f.result()
+  return marks[lo:hi].write(np.ones(hi - lo, np.uint8))
 
 
 def settings(spec: DataSpec, rows_per_chunk: int, codec: str, old_files=None,
