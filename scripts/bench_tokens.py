@@ -6,7 +6,8 @@ Writes a jsonl corpus of each size under --dir (Zipf-distributed words, document
 BPE, vocab 8,192, trained on a sample, like Qwen's; `word`: one id per word, much faster, so
 the pipeline's own costs show), then measures in the same run:
   baseline   raw `tokenizers` `encode_batch_fast` over 64 MiB of the corpus's text already in
-             memory (all cores), tokens/s, right before each size's run;
+             memory (all cores), tokens/s, right before and right after each size's run (the
+             ratio uses their mean);
   tokens     `moedistill.data.tokens.build` (the `--phase=tokens` code) over the whole corpus in a
              child process: wall time from the call (after imports), tokens/s (packed tokens
              incl. EOS / wall), the child's peak RSS and CPU time (wait4 rusage of that child).
@@ -130,9 +131,13 @@ def main():
     for gb in [float(x) for x in a.gb.split(",")]:
       corpus = work / f"corpus_{gb:g}gb.jsonl"
       write_corpus(corpus, gb, block)
-      base, base_cpu = baseline(block, work / "tok")  # right before: the load drifts
+      # right before and right after the run, averaged: this shared machine's load drifts
+      before = baseline(block, work / "tok")
       r = run_child(corpus, work / "tok", work / f"store_{gb:g}")
+      after = baseline(block, work / "tok")
+      base, base_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
       r.update(corpus_bytes=corpus.stat().st_size, baseline_tokens_per_s=round(base),
+               baseline_before_after=[round(before[0]), round(after[0])],
                ratio_to_baseline=round(r["tokens_per_s"] / base, 3),
                baseline_cpu_s_per_mtok=round(base_cpu, 3),
                cpu_ratio_to_baseline=round(base_cpu / r["cpu_s_per_mtok"], 3))

@@ -247,7 +247,8 @@ def _mark_batches(done: np.ndarray, per: int, p: int, P: int):
   """Process p's batches of `per` row chunks (a contiguous range of whole `tokens_done`
   chunks, so no two processes write one mark chunk), those not all marked done."""
   nb = -(-len(done) // per)
-  lo_hi = ((b * per, min(b * per + per, len(done))) for b in range(p * nb // P, (p + 1) * nb // P))
+  mine = range(p * nb // P, (p + 1) * nb // P)
+  lo_hi = ((b * per, min(b * per + per, len(done))) for b in mine)
   return [(lo, hi) for lo, hi in lo_hi if not done[lo:hi].all()]
 
 
