@@ -6,6 +6,10 @@ unscanned layers and one micro-batch (XLA's cost analysis counts a loop body onc
 
   python scripts/bench_plan_ep.py [--backend capacity|sorted] [--ep_capacity_factor F]
       [--rows 8 --seq 256] [--layers 4] [--meshes data=8,fsdp=8,expert=8] [--no_off]
+      [--program train|cache_forward]
+
+--program cache_forward: the teacher cache forward instead (dense experts, no backward), on
+--rows rows per step (config.cache.rows_per_chunk, one chunk per step).
 
 Prints per mesh, with expert parallelism on and off (MOEDISTILL_EXPERT_PARALLEL=0: XLA's
 automatic partitioning, the code before expert parallelism): FLOPs per device and their ratio
@@ -43,7 +47,8 @@ def plan(teacher, shape, args, ep: bool) -> dict:
   for s in shape:
     n *= s
   cmd = [sys.executable, "-m", "moedistill.plan", "--config=configs/two_stage.py:qwen3_30b_a3b",
-         f"--config.teacher={teacher}", "--programs=train", f"--devices={n}",
+         f"--config.teacher={teacher}", f"--programs={args.program}", f"--devices={n}",
+         f"--config.cache.rows_per_chunk={args.rows}", "--config.cache.chunks_per_step=1",
          "--config.model.scan_layers=False", "--config.train.micro_batches=1",
          f"--config.train.batch_size={args.rows}", f"--config.data.seq_len={args.seq}",
          "--config.stage_order=all", f"--config.model.moe_backend={args.backend}",
@@ -54,7 +59,8 @@ def plan(teacher, shape, args, ep: bool) -> dict:
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   if r.returncode:
     sys.exit(f"plan failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
-  return json.loads(r.stdout.strip().splitlines()[-1])["programs"]["train_all"]
+  name = "train_all" if args.program == "train" else args.program
+  return json.loads(r.stdout.strip().splitlines()[-1])["programs"][name]
 
 
 def main():
@@ -66,10 +72,11 @@ def main():
   ap.add_argument("--layers", type=int, default=4, help="even; per layer = difference to half")
   ap.add_argument("--meshes", default="data=8,fsdp=8,expert=8")
   ap.add_argument("--no_off", action="store_true", help="skip the EP-off (before) rows")
+  ap.add_argument("--program", default="train", choices=("train", "cache_forward"))
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     full, half = (teacher_dir(n, pathlib.Path(tmp)) for n in (args.layers, args.layers // 2))
-    print(f"train step (stage all), Qwen3-30B-A3B widths, {args.layers} layers unscanned, "
+    print(f"{args.program} (train: stage all), Qwen3-30B-A3B widths, {args.layers} layers unscanned, "
           f"{args.rows}x{args.seq} tokens, bf16 compute, backend {args.backend}, "
           f"ep_capacity_factor {args.ep_capacity_factor}", flush=True)
     one = plan(full, MESHES["one device"], args, True)
