@@ -9,7 +9,7 @@ the demo): `python -m moedistill.sweep` over `--points` alpha values in
 `--steps` steps each, every mode in a fresh workdir under runs/bench_sweep/<mode> sharing the
 cache and student. Prints each mode's wall seconds (the whole command: start-up, held-out
 evaluation of teacher and zero-shot student, training, exports, per-point evaluation), the
-ratio, and how far the batched points' held-out figures are from the sequential ones.
+ratio, peak RSS, and how far the batched points' held-out figures are from the sequential ones.
 """
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Runs the command given after it and prints its peak RSS in KiB (its only child).
+PEAK_RSS = ("import resource, subprocess, sys\n"
+            "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
 BASE = ROOT / "runs" / "two_stage"
 
 
@@ -33,7 +37,8 @@ def ensure_base():
              "(python -m moedistill.train --config=configs/two_stage.py)")
 
 
-def run_mode(mode: str, alphas: list[str], steps: int, batch: int) -> tuple[float, dict]:
+def run_mode(mode: str, alphas: list[str], steps: int, batch: int):
+  """(wall seconds, peak RSS GiB, {point: result}) of one sweep command."""
   workdir = ROOT / "runs" / "bench_sweep" / mode
   shutil.rmtree(workdir, ignore_errors=True)
   cmd = [sys.executable, "-m", "moedistill.sweep", "--config=configs/two_stage.py",
@@ -43,12 +48,13 @@ def run_mode(mode: str, alphas: list[str], steps: int, batch: int) -> tuple[floa
          f"--config.train.batch_size={batch}", f"--sweep.alpha={','.join(alphas)}",
          f"--sweep.batched={mode}"]
   t0 = time.perf_counter()
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  out = subprocess.run([sys.executable, "-c", PEAK_RSS, *cmd], cwd=ROOT, capture_output=True,
+                       text=True)
   wall = time.perf_counter() - t0
   if out.returncode:
     sys.exit(f"{mode}: exit {out.returncode}\n{out.stderr[-3000:]}")
   report = json.loads((workdir / "sweep" / "report.json").read_text())
-  return wall, {r["point"]: r for r in report["points"]}
+  return wall, int(out.stdout.split()[-1]) / 2**20, {r["point"]: r for r in report["points"]}
 
 
 def main():
@@ -63,11 +69,11 @@ def main():
   runs = {m: run_mode(m, alphas, a.steps, a.batch) for m in a.modes.split(",")}
   print(f"points={a.points} (alpha {','.join(alphas)}) steps={a.steps}+{a.steps} "
         f"batch={a.batch} rows")
-  for m, (wall, _) in runs.items():
+  for m, (wall, rss, _) in runs.items():
     print(f"sweep --sweep.batched={m:<4} {wall:7.1f} s  "
-          f"{a.points * 2 * a.steps / wall:6.2f} point-steps/s")
+          f"{a.points * 2 * a.steps / wall:6.2f} point-steps/s  peak RSS {rss:.2f} GiB")
   if {"off", "on"} <= set(runs):
-    (seq, p_seq), (bat, p_bat) = runs["off"], runs["on"]
+    (seq, _, p_seq), (bat, _, p_bat) = runs["off"], runs["on"]
     print(f"batched / sequential speed: {seq / bat:.2f}x")
     for key in ("kl", "ppl", "ce"):
       rel = max(abs(p_bat[n][key] - p_seq[n][key]) / abs(p_seq[n][key]) for n in p_seq)

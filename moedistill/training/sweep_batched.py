@@ -105,5 +105,8 @@ def train_group(jobs: list[Job], names: list[str], group_dir: Path, mesh, *,
   student = train.load(gjob, gjob.student_init, mesh)
   train.check_against_cache(gjob, reader, student.config)
   alphas_ps = [[s.alpha for s in j.train.stages] for j in jobs]
+  if jax.process_index() == 0:  # the stage tables below show the first point's alpha
+    print("alpha per point (by stage): " + ", ".join(
+        f"{n}: {'/'.join(f'{a:g}' for a in row)}" for n, row in zip(names, alphas_ps)))
   trainer = BatchedTrainer(gjob, student, reader, mesh, names, alphas_ps, progress=progress)
   return trainer, trainer.run()
