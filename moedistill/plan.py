@@ -4,7 +4,8 @@ cache forward, compress (per projection), each stage's train step, eval and expo
 program: bytes per device (compiled memory analysis: arguments + outputs - donated aliases +
 temporaries, plus what stays resident beside the program), FLOPs per device (cost analysis),
 collective bytes per device (operands of all-gather, all-reduce, reduce-scatter, all-to-all,
-collective-permute in the compiled HLO) and compile seconds. XLA counts a loop body once: with
+collective-permute in the compiled HLO; and, per kind, the bytes each device receives) and
+compile seconds. XLA counts a loop body once: with
 micro_batches > 1 the train step's FLOPs and collective bytes are those of one micro-batch
 plus the update.
 
@@ -78,20 +79,48 @@ def parse_bytes(text: str) -> int:
   return int(float(m.group(1)) * scale)
 
 
-def collective_bytes(hlo_text: str) -> int:
-  """Operand bytes of every collective op in an HLO module's text (one device's program).
-  Compiled HLO names operands without their shapes, so every definition's type is kept."""
-  types, total = {}, 0
+def _collectives(hlo_text: str):
+  """(kind, operand bytes, group size or 0 for all devices) of each collective op in an HLO
+  module's text (one device's program; async pairs once, at -start). Compiled HLO names
+  operands without their shapes, so every definition's type is kept."""
+  types = {}
   for line in hlo_text.splitlines():
     m = _DEF_RE.match(line)
     if not m:
       continue
     name, typ, op, args = m.groups()
     types[name] = typ
-    if op.removesuffix("-start") in COLLECTIVES:
-      for operand in re.findall(r"%([\w.\-]+)", args):
-        total += _type_bytes(types.get(operand, ""))
-  return total
+    kind = op.removesuffix("-start")
+    if kind in COLLECTIVES:
+      size = sum(_type_bytes(types.get(o, "")) for o in re.findall(r"%([\w.\-]+)", args))
+      yield kind, size, _group_size(line)
+
+
+def _group_size(line: str) -> int:
+  m = re.search(r"replica_groups=\[\d+,(\d+)\]", line)  # iota form [groups, size]<=[...]
+  if m:
+    return int(m.group(1))
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  return len(m.group(1).split(",")) if m and m.group(1) else 0
+
+
+def collective_bytes(hlo_text: str) -> int:
+  """Operand bytes of every collective op in an HLO module's text (one device's program)."""
+  return sum(size for _, size, _ in _collectives(hlo_text))
+
+
+def collective_traffic(hlo_text: str, n_devices: int) -> dict[str, int]:
+  """Bytes each device receives, per collective kind, over groups of g devices: all-gather
+  (g-1) x operand (its operand is one shard), reduce-scatter and all-to-all (g-1)/g x operand,
+  all-reduce 2(g-1)/g x operand (ring), collective-permute its operand. Operand bytes alone
+  would count an all-gather at 1/g of what it moves."""
+  out = dict.fromkeys(COLLECTIVES, 0)
+  for kind, size, g in _collectives(hlo_text):
+    g = g or n_devices
+    factor = {"all-gather": g - 1, "all-reduce": 2 * (g - 1) / g,
+              "collective-permute": 1 if g > 1 else 0}.get(kind, (g - 1) / g)
+    out[kind] += int(size * factor)
+  return out
 
 
 def _type_bytes(typ: str) -> int:
@@ -163,10 +192,12 @@ def measure(p: Program) -> dict:
              + ma.temp_size_in_bytes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hlo = compiled.as_text()
   return {"bytes_per_device": int(program + p.resident), "params_bytes": p.params,
           "opt_state_bytes": p.opt, "temp_bytes": int(ma.temp_size_in_bytes),
           "flops_per_device": float((cost or {}).get("flops", 0.0)),
-          "collective_bytes_per_device": collective_bytes(compiled.as_text()),
+          "collective_bytes_per_device": collective_bytes(hlo),
+          "collective_traffic_per_device": collective_traffic(hlo, len(jax.devices())),
           "compile_s": round(compile_s, 3)}
 
 

@@ -13,9 +13,11 @@ unscanned layers and one micro-batch (XLA's cost analysis counts a loop body onc
 
 Prints per mesh, with expert parallelism on and off (MOEDISTILL_EXPERT_PARALLEL=0: XLA's
 automatic partitioning, the code before expert parallelism): FLOPs per device and their ratio
-to (one device's FLOPs / 8), bytes per device, and collective bytes per device for the step and
-per layer. Per layer = (step at L layers - step at L/2 layers) / (L/2): what each decoder layer
-adds, without the embedding, the lm_head and the loss.
+to (one device's FLOPs / 8), bytes per device, collective operand bytes per device for the step
+and per layer, and per layer the bytes each device receives (plan.collective_traffic: an
+all-gather's operand is one shard, so operand bytes undercount it g-1 times), by kind. Per
+layer = (step at L layers - step at L/2 layers) / (L/2): what each decoder layer adds, without
+the embedding, the lm_head and the loss.
 """
 import argparse
 import json
@@ -83,16 +85,18 @@ def main():
     ideal = one["flops_per_device"] / 8
     print(f"one device: {one['flops_per_device']:.4e} FLOP, /8 = {ideal:.4e}", flush=True)
     print(f"{'mesh':16} {'EP':3} {'FLOP/dev':>10} {'x ideal':>7} {'GiB/dev':>8} "
-          f"{'coll GiB/step':>13} {'coll GiB/layer':>14}")
+          f"{'operand GiB/step':>16} {'/layer':>7} {'received GiB/layer':>18}  by kind")
     for name in args.meshes.split(","):
       for ep in (True,) if args.no_off else (False, True):
         a, b = plan(full, MESHES[name], args, ep), plan(half, MESHES[name], args, ep)
-        per_layer = (a["collective_bytes_per_device"] - b["collective_bytes_per_device"]) / (
-            args.layers - args.layers // 2)
+        per = lambda key: (a[key] - b[key]) / (args.layers - args.layers // 2)  # noqa: E731
+        kinds = {k: (a["collective_traffic_per_device"][k] - b["collective_traffic_per_device"][k])
+                 / (args.layers - args.layers // 2) for k in a["collective_traffic_per_device"]}
         print(f"{name:16} {'on' if ep else 'off':3} {a['flops_per_device']:10.4e} "
               f"{a['flops_per_device'] / ideal:7.3f} {a['bytes_per_device'] / GiB:8.2f} "
-              f"{a['collective_bytes_per_device'] / GiB:13.3f} {per_layer / GiB:14.3f}",
-              flush=True)
+              f"{a['collective_bytes_per_device'] / GiB:16.3f} "
+              f"{per('collective_bytes_per_device') / GiB:7.3f} {sum(kinds.values()) / GiB:18.3f}"
+              "  " + ", ".join(f"{k} {v / GiB:.3f}" for k, v in kinds.items() if v), flush=True)
 
 
 if __name__ == "__main__":

@@ -86,13 +86,19 @@ def test_check_names_program_overshoot_and_knobs(fsdp8_plan):
 
 
 def test_collective_bytes_from_compiled_hlo():
-  from moedistill.plan import collective_bytes, parse_bytes
+  from moedistill.plan import collective_bytes, collective_traffic, parse_bytes
   hlo = ("  %p = f32[4,16]{1,0} parameter(0)\n"
          "  %all-gather = f32[32,16]{1,0} all-gather(%p), channel_id=1, dimensions={0}\n"
          "  %t = (bf16[8]{0}, s32[2]{0}) tuple(%a, %b)\n"
          "  ROOT %ar = bf16[8]{0} all-reduce-start(%t), channel_id=2, to_apply=%add\n"
          "  %d = f32[4]{0} all-reduce-done(%ar)\n")
   assert collective_bytes(hlo) == 4 * 16 * 4 + (8 * 2 + 2 * 4)
+  # received per device: an all-gather's operand is one shard of the 8 (iota groups [1, 8]); an
+  # all-reduce moves its operand twice, less the own share (explicit groups of 2)
+  traffic = collective_traffic(hlo.replace("dimensions", "replica_groups=[1,8]<=[8], dims")
+                               .replace("to_apply", "replica_groups={{0,1},{2,3}}, to_apply"), 8)
+  assert traffic["all-gather"] == 7 * 4 * 16 * 4
+  assert traffic["all-reduce"] == (8 * 2 + 2 * 4) and traffic["all-to-all"] == 0
   assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("1.5GB") == 1_500_000_000
   assert parse_bytes("4096") == 4096
 
