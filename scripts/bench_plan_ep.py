@@ -78,7 +78,8 @@ def main():
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     full, half = (teacher_dir(n, pathlib.Path(tmp)) for n in (args.layers, args.layers // 2))
-    print(f"{args.program} (train: stage all), Qwen3-30B-A3B widths, {args.layers} layers unscanned, "
+    what = "train step (stage all)" if args.program == "train" else args.program
+    print(f"{what}, Qwen3-30B-A3B widths, {args.layers} layers unscanned, "
           f"{args.rows}x{args.seq} tokens, bf16 compute, backend {args.backend}, "
           f"ep_capacity_factor {args.ep_capacity_factor}", flush=True)
     one = plan(full, MESHES["one device"], args, True)
