@@ -36,10 +36,22 @@ import jax  # loaded at startup by the command too: not part of the phase's time
 from moedistill.data import sources, tokens
 spec = sources.DataSpec(source=({corpus!r},), tokenizer={tok!r}, seq_len=1024)
 tok = sources.load_tokenizer({tok!r})
+phases = {{}}  # step -> [CPU s (all threads), wall s]
+
+def timed(name, f):
+  def run(*a, **k):
+    c, t = time.process_time(), time.perf_counter()
+    out = f(*a, **k)
+    phases[name] = [round(time.process_time() - c, 2), round(time.perf_counter() - t, 2)]
+    return out
+  return run
+
+for name in ("settings", "stage_mine", "assemble_mine"):  # fingerprint, tokenize, assemble
+  setattr(tokens, name, timed(name, getattr(tokens, name)))
 t0 = time.perf_counter()
 meta = tokens.build(spec, {store!r}, tok, rows_per_chunk=16, codec="zstd", progress=False)
 print(json.dumps({{"seconds": time.perf_counter() - t0, "rows": meta["rows"],
-                  "stats": meta["stats"]}}))
+                  "stats": meta["stats"], "phases_cpu_wall": phases}}))
 """
 
 
