@@ -149,9 +149,16 @@ def batched_allowed(mode: str, job0, mesh) -> bool:
   return mode != "off" and why is None
 
 
-def auto_batches(n_points: int) -> bool:
+# --sweep.batched=auto batches on one CPU device up to this many tokens per point and step:
+# the largest step measured (64 x 128 tokens), where batching was faster in most runs
+# (README "Sweeps"); beyond it, not measured, points run one at a time.
+AUTO_MAX_TOKENS = 8192
+
+
+def auto_batches(job) -> bool:
   """The measured rule for --sweep.batched=auto (README "Sweeps")."""
-  return jax.default_backend() == "cpu" and n_points >= 2
+  tokens = job.train.batch_size * job.train_data.seq_len
+  return jax.default_backend() == "cpu" and tokens <= AUTO_MAX_TOKENS
 
 
 def plan_groups(jobs, grid, done: set[int], mode: str, allowed: bool) -> list[tuple]:
@@ -168,7 +175,7 @@ def plan_groups(jobs, grid, done: set[int], mode: str, allowed: bool) -> list[tu
     if not todo:
       continue
     members = _earlier_group(jobs, grid, idx, todo) or todo
-    batch = allowed and len(members) >= 2 and (mode == "on" or auto_batches(len(members)))
+    batch = allowed and len(members) >= 2 and (mode == "on" or auto_batches(jobs[idx[0]]))
     out += [(members, set(todo))] if batch else [([i], {i}) for i in todo]
   return sorted(out, key=lambda g: min(g[0]))  # grid order
 

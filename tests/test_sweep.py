@@ -145,7 +145,8 @@ def on_built(tmp, t, built, name):
 
 
 def test_batched_groups_points_that_differ_only_in_alpha(teacher, tmp_path):
-  from moedistill.sweep import parse_grid, plan_groups, point_config, point_name
+  from moedistill.sweep import (AUTO_MAX_TOKENS, parse_grid, plan_groups, point_config,
+                                point_name)
   _, t = teacher
   c = small(tmp_path, t)
   grid = parse_grid({"alpha": ["0.5", "0.9"], "k": ["4", "8"], "temperature": None,
@@ -155,6 +156,11 @@ def test_batched_groups_points_that_differ_only_in_alpha(teacher, tmp_path):
   assert names(plan_groups(jobs, grid, set(), "on", True)) == [
       ["a0.5_k4", "a0.9_k4"], ["a0.5_k8", "a0.9_k8"]]
   assert names(plan_groups(jobs, grid, set(), "off", False)) == [[point_name(p)] for p in grid]
+  # auto on one CPU device: the measured rule batches small steps only
+  assert plan_groups(jobs, grid, set(), "auto", True) == plan_groups(jobs, grid, set(), "on", True)
+  c.train.batch_size = 4 * (AUTO_MAX_TOKENS // (4 * c.data.seq_len) + 1)
+  big = [job_from_config(point_config(c, p)) for p in grid]
+  assert names(plan_groups(big, grid, set(), "auto", True)) == [[point_name(p)] for p in grid]
   # a done point leaves its group; a group dir that holds it (killed between exports) is
   # finished as it was, its done point not exported again
   assert names(plan_groups(jobs, grid, {0}, "on", True)) == [["a0.5_k8", "a0.9_k8"], ["a0.9_k4"]]
