@@ -50,7 +50,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from moedistill import sharding
+from moedistill import sharding  # noqa: E402
 from moedistill.config import Job  # noqa: E402
 from moedistill.errors import ConfigError, UserError  # noqa: E402
 from moedistill.model import moe  # noqa: E402

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configs.two_stage import get_config  # noqa: E402
 from moedistill.cache_logits import build_cache  # noqa: E402
 from moedistill.config import job_from_config  # noqa: E402
-from moedistill.data import tokens
+from moedistill.data import tokens  # noqa: E402
 from moedistill.hub import hf  # noqa: E402
 from moedistill.model.config import ModelConfig  # noqa: E402
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402

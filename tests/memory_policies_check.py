@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from moedistill import sharding
+from moedistill import sharding  # noqa: E402
 from moedistill.model import tiny  # noqa: E402
 from moedistill.model.layers import Runtime  # noqa: E402
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402

@@ -10,7 +10,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import numpy as np  # noqa: E402
 
-from moedistill import sharding
+from moedistill import sharding  # noqa: E402
 from moedistill.hub import hf, safetensors_io as st  # noqa: E402
 
 READS = []

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from moedistill import sharding
+from moedistill import sharding  # noqa: E402
 from moedistill.config import Group, Stage, TrainConfig  # noqa: E402
 from moedistill.model import tiny  # noqa: E402
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402

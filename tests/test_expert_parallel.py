@@ -152,24 +152,31 @@ def step_case(mesh_s: str) -> dict:
   return {**out, "ep_layers": len(calls)}
 
 
+def _run_block(block, x, mesh_s: str):
+  """The block's (y, aux, dropped) on the mesh `mesh_s` ("d,f,e,t"), x split over its batch
+  shards; and the mesh."""
+  import jax
+  from flax import nnx
+  from moedistill import sharding
+  mesh = sharding.make_mesh(sharding.MeshConfig(*(int(v) for v in mesh_s.split(","))))
+  graphdef, state = nnx.split(block)
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(
+        state, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
+  return out, mesh
+
+
 def drops_case(mesh_s: str) -> dict:
   """Capacity backend with drops (uneven routing, factor 1.25): under expert parallelism the
   capacity is per batch shard, so the count must equal the one-device dispatch run on each
   shard's tokens alone, summed."""
-  import jax
   import jax.numpy as jnp
-  from flax import nnx
   from moedistill import sharding
   from moedistill.model import moe
   cfg = _cfg()
   block = _block(cfg, "dense", "capacity", True, capacity_factor=1.25)
   x, _ = _inputs(cfg, True)
-  shape = tuple(int(v) for v in mesh_s.split(","))
-  mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
-  graphdef, state = nnx.split(block)
-  with jax.set_mesh(mesh):
-    got = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[2])(
-        state, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
+  (_, _, got), mesh = _run_block(block, x, mesh_s)
   want = 0
   for rows in np.split(x, sharding.batch_divisor(mesh)):
     _, w_tk, e_tk = moe.route(jnp.asarray(rows.reshape(-1, cfg.hidden_size)),
@@ -181,21 +188,14 @@ def drops_case(mesh_s: str) -> dict:
 def bounded_case(mesh_s: str) -> dict:
   """Dropless backend with bounded all-to-all buffers (ep_capacity_factor=1, uneven routing):
   per shard and destination device, the copies past B = ceil(t*k/n) drop; count them in numpy."""
-  import jax
   import jax.numpy as jnp
-  from flax import nnx
   from moedistill import sharding
   from moedistill.model import moe
   cfg = _cfg()
   block = _block(cfg, "dense", "sorted", True, ep_capacity_factor=1.0)
   x, _ = _inputs(cfg, True)
-  shape = tuple(int(v) for v in mesh_s.split(","))
-  mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
-  graphdef, state = nnx.split(block)
-  with jax.set_mesh(mesh):
-    y, _, got = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(
-        state, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
-  n, k, want, y_ref = shape[2], cfg.num_experts_per_tok, 0, []
+  (y, _, got), mesh = _run_block(block, x, mesh_s)
+  n, k, want, y_ref = mesh.shape["expert"], cfg.num_experts_per_tok, 0, []
   w = {p: np.asarray(getattr(block.experts, f"{p}_proj")[...]) for p in ("gate", "up", "down")}
   for rows in np.split(x, sharding.batch_divisor(mesh)):
     x_td = rows.reshape(-1, cfg.hidden_size)

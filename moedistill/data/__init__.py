@@ -1,1 +1,2 @@
-"""Text sources, streaming tokens split across hosts, the teacher cache store and its chunk-order reader."""
+"""Text sources, streaming tokens split across hosts, the teacher cache store and its
+chunk-order reader."""

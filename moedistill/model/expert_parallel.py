@@ -13,8 +13,9 @@ Layout (MaxText's dropless MoE, written for our dispatch seam):
 Transport: `jax.lax.ragged_all_to_all` off CPU; XLA:CPU (jax 0.10) has no ragged-all-to-all,
 so on CPU a padded `all_to_all` of [n, B] slots whose valid prefix per source comes from an
 exchanged count. B = t*min(k, el), the most copies one device can send one destination, so
-the path never drops; the `sorted` backend skips the buffer's empty tiles at run time. The `capacity` backend keeps its GShard contract instead: [E, c] slots
-per shard (c from capacity_factor, overflow counted), exchanged with one tiled all_to_all.
+the path never drops; the `sorted` backend skips the buffer's empty tiles at run time. The
+`capacity` backend keeps its GShard contract instead: [E, c] slots per shard (c from
+capacity_factor, overflow counted), exchanged with one tiled all_to_all.
 The expert intermediate dim split over `tensor` leaves partial sums: one psum at the end.
 
 With no mesh, a one-device mesh, or MOEDISTILL_EXPERT_PARALLEL=0 (automatic partitioning, the

@@ -1,1 +1,2 @@
-"""The distillation machinery: loss, fused vocab statistics, regex groups and optimizer, the jitted step, the stage loop, checkpoints and the sweep report."""
+"""The distillation machinery: loss, fused vocab statistics, regex groups and optimizer, the
+jitted step, the stage loop, checkpoints, the batched sweep and the sweep report."""
