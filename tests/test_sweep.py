@@ -65,6 +65,16 @@ def test_topk_prime_equals_a_smaller_cache(teacher, mode):
   assert truncated["kl"] != sums(big, 0)["kl"]  # k' really changed the loss
 
 
+def kill_when(cmd, ready, timeout=600):
+  """Runs cmd and SIGKILLs it as soon as ready() holds (or when it exits or times out)."""
+  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + timeout
+  while not ready() and p.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+
+
 def _sweep(cfg, *args, **kw):
   return [sys.executable, "-m", "moedistill.sweep", f"--config={cfg}", *args]
 
@@ -78,13 +88,8 @@ def test_sweep_kill_resume_and_equal_to_train(teacher):
   cfg = write_config_file(tmp, c, "sweep_cfg.py")
   root = Path(c.workdir) / "sweep"
   cmd = _sweep(cfg, "--sweep.alpha=0.5", "--sweep.k=4,8")
-  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   first, second = root / "a0.5_k4" / "result.json", root / "a0.5_k8" / "result.json"
-  deadline = time.time() + 600
-  while not first.exists() and p.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  p.send_signal(signal.SIGKILL)
-  p.wait()
+  kill_when(cmd, first.exists)
   assert first.exists() and not second.exists(), "the kill must land between the points"
   done_before = first.read_text()
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -193,13 +198,7 @@ def test_batched_sweep_kill_resume_and_close_to_sequential(teacher, built):
   cfg = write_config_file(tmp, c, "batched_cfg.py")
   root = Path(c.workdir) / "sweep"
   cmd = _sweep(cfg, "--sweep.alpha=0.5,0.9", "--sweep.batched=on")
-  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 600
-  while not list(root.glob("_group_*/checkpoints/4")) and p.poll() is None \
-      and time.time() < deadline:
-    time.sleep(0.05)
-  p.send_signal(signal.SIGKILL)
-  p.wait()
+  kill_when(cmd, lambda: list(root.glob("_group_*/checkpoints/4")))
   assert list(root.glob("_group_*/checkpoints/4")) and not list(root.glob("*/result.json"))
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-2000:]
