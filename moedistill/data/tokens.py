@@ -1,16 +1,19 @@
 """The tokens phase: documents -> packed rows in a cache's `tokens` / `segment_ids` arrays.
 
-Two steps, both resumable and split between processes:
+Resumable and split between processes:
 1. Pieces (`sources.pieces`: fixed by the data alone) go round-robin, piece g to process g % P.
    Each is streamed through three threads (one parses text batches, one encodes them with the
-   Rust tokenizer's `encode_batch_fast` on all cores, this one packs and stages the previous
-   batch), packed on its own (documents + EOS, the last row padded) and staged as
-   `staging/<g>/<part>`; `staging/<g>.json` (its row count), written last, marks it done.
-2. After a barrier every piece's row offset is a prefix sum; each process assembles a
-   contiguous range of whole `tokens_done` chunks (64 row chunks each, marked by one write),
-   then the staging area is deleted.
+   Rust tokenizer's `encode_batch_fast` on all cores, this one packs and writes the previous
+   batch) and packed on its own (documents + EOS, the last row padded). A piece whose row
+   offset is known (every earlier piece is done: always so with one process) is written
+   straight to the final arrays, created at a row bound and cut to the row count at the end;
+   the others are staged as `staging/<g>/<part>`. `staging/<g>.json` (its row count and
+   where its rows are), written last, marks a piece done.
+2. After a barrier every piece's row offset is a prefix sum; each process takes a contiguous
+   range of whole `tokens_done` chunks (64 row chunks each, one shard file of the token
+   arrays), copies the staged rows there and marks them; then the staging area is deleted.
 So the rows are the same for any process count, a killed run redoes at most one piece per
-process plus unmarked chunks, and memory is one text batch and one staged part whatever the
+process plus unmarked chunks, and memory is one text batch and one part whatever the
 dataset's size. With `max_rows` a process stops once the pieces before its next one cover it.
 
 Odd documents follow rules and are counted in tokens.json `stats` (never dropped silently):
@@ -139,90 +142,153 @@ def _part_spec(path, g: int, j: int, shape):
                                   {"name": "zstd", "configuration": {"level": 1}}]}}
 
 
-def _stage_part(path, g, j, blocks):
-  rows = np.stack([np.concatenate([t for t, _ in blocks]),
-                   np.concatenate([s for _, s in blocks])], axis=1)  # [m, 2, L]
-  arr = ts.open(_part_spec(path, g, j, rows.shape), create=True, delete_existing=True,
-                context=cache.ONCE).result()
-  return arr.write(rows), len(rows)
+class Staged:
+  """Piece g's rows as staged parts, for when its offset is not known yet."""
+
+  def __init__(self, path, g):
+    self.path, self.g, self.parts = path, g, []
+
+  def ready(self, m: int) -> int:
+    return m
+
+  def write(self, tok, seg) -> list:
+    rows = np.stack([tok, seg], axis=1)  # [m, 2, L]
+    arr = ts.open(_part_spec(self.path, self.g, len(self.parts), rows.shape), create=True,
+                  delete_existing=True, context=cache.ONCE).result()
+    self.parts.append(len(rows))
+    return [arr.write(rows)]
+
+  def record(self) -> dict:
+    return {"parts": self.parts}
 
 
-def stage_piece(path: str, g: int, piece, spec: DataSpec, tok) -> dict:
-  """Tokenizes, packs and stages piece g; returns its record (rows, parts, stats)."""
+class Direct:
+  """Piece rows written straight to the final arrays from row `at` (no staging, no assembly
+  pass); rows from `limit` on (`max_rows`) are not written. Writes end on shard boundaries
+  (`align` rows), so no shard is written twice, but for the one shared with the next piece."""
+
+  def __init__(self, arrays, at: int, limit: int, align: int):
+    self.arrays, self.at0, self.at, self.limit, self.align = arrays, at, at, limit, align
+
+  def ready(self, m: int) -> int:
+    return max(0, m - (self.at + m) % self.align)
+
+  def write(self, tok, seg) -> list:
+    lo, self.at = self.at, self.at + len(tok)
+    n = max(0, min(self.at, self.limit) - lo)
+    if n == 0:
+      return []
+    return [self.arrays["tokens"][lo:lo + n].write(tok[:n]),
+            self.arrays["segment_ids"][lo:lo + n].write(seg[:n])]
+
+  def record(self) -> dict:
+    return {"at": self.at0}
+
+
+def _wait(futures):
+  for f in futures:
+    f.result()
+
+
+def stage_piece(path: str, g: int, piece, spec: DataSpec, tok, sink) -> dict:
+  """Tokenizes and packs piece g into `sink` (`Direct` or `Staged`), then writes its record
+  (rows, stats, where its rows are) as `staging/<g>.json`, which marks it done."""
   packer = Packer(spec.seq_len, tok.eos_token_id,
                   tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-  parts, blocks, pending = [], [], None
+  blocks, pending, rows = [], [], 0
+
+  def flush(last: bool):
+    nonlocal blocks, pending
+    t, s = (np.concatenate([b[i] for b in blocks]) for i in (0, 1))
+    k = len(t) if last else sink.ready(len(t))
+    _wait(pending)  # one write in flight: memory stays bounded
+    pending, blocks = sink.write(t[:k], s[:k]), [(t[k:], s[k:])]
+
   for ids in in_thread(id_batches(piece, spec, tok.backend_tokenizer)):
     blocks.append(packer.add(ids))
+    rows += len(blocks[-1][0])
     if sum(len(t) for t, _ in blocks) * spec.seq_len >= PART_TOKENS:
-      pending and pending.result()  # one part in flight: memory stays bounded
-      pending, m = _stage_part(path, g, len(parts), blocks)
-      parts.append(m)
-      blocks = []
+      flush(last=False)
   blocks.append(packer.finish())
-  pending and pending.result()
+  rows += len(blocks[-1][0])
   if sum(len(t) for t, _ in blocks):
-    pending, m = _stage_part(path, g, len(parts), blocks)
-    parts.append(m)
-    pending.result()
-  record = {"rows": sum(parts), "parts": parts, "stats": packer.stats}
+    flush(last=True)
+  _wait(pending)
+  record = {"rows": rows, **sink.record(), "stats": packer.stats}
   cache.write_metadata(path, record, f"{STAGING}{g:08d}.json")
   return record
 
 
-def _record(path, g):
-  return cache.read_metadata(path, f"{STAGING}{g:08d}.json")
+class Records:
+  """The pieces' records, read once each; row offsets as prefix sums."""
 
+  def __init__(self, path):
+    self.path, self.known, self.sums = path, {}, [0]  # sums[i]: rows of pieces 0..i-1
 
-def _covered(path, g: int, known: dict, max_rows: int) -> bool:
-  """True when pieces 0..g-1 are all staged and hold at least max_rows rows."""
-  total = 0
-  for i in range(g):
-    if i not in known:
-      r = _record(path, i)
+  def get(self, g: int) -> dict | None:
+    if g not in self.known:
+      r = cache.read_metadata(self.path, f"{STAGING}{g:08d}.json")
       if r is None:
-        return False
-      known[i] = r["rows"]
-    total += known[i]
-    if total >= max_rows:
-      return True
-  return False
+        return None
+      self.known[g] = r
+    return self.known[g]
+
+  def put(self, g: int, record: dict):
+    self.known[g] = record
+
+  def offset(self, g: int, cap: int = 0) -> int | None:
+    """Rows of pieces 0..g-1 when all are recorded, else None; with `cap`, counting stops
+    once it reaches cap (so later pieces need no record)."""
+    while len(self.sums) <= g and (not cap or self.sums[-1] < cap):
+      r = self.get(len(self.sums) - 1)
+      if r is None:
+        return None
+      self.sums.append(self.sums[-1] + r["rows"])
+    return self.sums[min(g, len(self.sums) - 1)]
 
 
-def stage_mine(path, spec: DataSpec, plist, tok, p: int, P: int, progress: bool):
-  """Process p's pieces, skipping those already staged; stops early for max_rows."""
-  known = {}
-  mine = range(p, len(plist), P)
-  for g in tqdm(mine, unit="piece", desc=f"tokenizing {path}", disable=not progress,
-                mininterval=1.0):
-    if spec.max_rows and _covered(path, g, known, spec.max_rows):
+def stage_mine(path, spec: DataSpec, plist, tok, arrays, rows_per_chunk, p: int, P: int,
+               progress: bool):
+  """Process p's pieces, skipping those already done; stops early for max_rows. A piece
+  whose offset is known (every earlier piece done: always with one process) is written
+  straight to the final arrays, the others are staged for the assembly pass."""
+  recs = Records(path)
+  for g in tqdm(range(p, len(plist), P), unit="piece", desc=f"tokenizing {path}",
+                disable=not progress, mininterval=1.0):
+    if spec.max_rows and (recs.offset(g, spec.max_rows) or 0) >= spec.max_rows:
       return
-    if _record(path, g) is None:
-      known[g] = stage_piece(path, g, plist[g], spec, tok)["rows"]
+    if recs.get(g) is None:
+      at = recs.offset(g)
+      sink = (Staged(path, g) if at is None else
+              Direct(arrays, at, spec.max_rows or np.iinfo(np.int64).max,
+                     rows_per_chunk * cache.TOKEN_MARKS_PER_CHUNK))
+      recs.put(g, stage_piece(path, g, plist[g], spec, tok, sink))
 
 
 def piece_table(path, n_pieces: int, max_rows: int):
-  """(rows per piece, stats summed) over the prefix of pieces the rows come from."""
-  counts, stats = [], {}
+  """(records, stats summed) over the prefix of pieces the rows come from."""
+  recs, stats = [], {}
   for g in range(n_pieces):
-    if max_rows and sum(counts) >= max_rows:
+    if max_rows and sum(r["rows"] for r in recs) >= max_rows:
       break
-    r = _record(path, g)
+    r = cache.read_metadata(path, f"{STAGING}{g:08d}.json")
     if r is None:
       raise UserError(f"cache {path}: piece {g} of the tokens phase is missing after all "
                       "processes finished (was the cache written by another run?)")
-    counts.append(r["rows"])
+    recs.append(r)
     for k, v in r["stats"].items():
       stats[k] = stats.get(k, 0) + v
-  return counts, stats
+  return recs, stats
 
 
-class _Parts:
-  """Reads staged rows by global row range, keeping the last decoded part."""
+class _Rows:
+  """Rows by global row range: staged parts (the last decoded one kept) or, for pieces
+  written directly, the final arrays."""
 
-  def __init__(self, path, counts, parts):
-    self.path, self.parts, self.last = path, parts, (None, None)
-    self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+  def __init__(self, path, records, arrays):
+    self.path, self.records, self.arrays, self.last = path, records, arrays, (None, None)
+    self.offsets = np.concatenate([[0], np.cumsum([r["rows"] for r in records])]).astype(
+        np.int64)
 
   def _part(self, g, j):
     if self.last[0] != (g, j):
@@ -231,14 +297,24 @@ class _Parts:
       self.last = ((g, j), arr.read().result())
     return self.last[1]
 
+  def pieces(self, lo: int, hi: int) -> range:
+    return range(int(np.searchsorted(self.offsets, lo, side="right")) - 1,
+                 int(np.searchsorted(self.offsets, hi, side="left")))
+
   def rows(self, lo: int, hi: int) -> np.ndarray:
     out = []
     while lo < hi:
-      g = int(np.searchsorted(self.offsets, lo, side="right")) - 1
-      local, starts = lo - self.offsets[g], np.cumsum([0, *self.parts[g]])
-      j = int(np.searchsorted(starts, local, side="right")) - 1
-      take = min(hi - lo, starts[j + 1] - local)
-      out.append(self._part(g, j)[local - starts[j]: local - starts[j] + take])
+      g = self.pieces(lo, hi)[0]
+      local = lo - self.offsets[g]
+      if "at" in self.records[g]:
+        take = min(hi, self.offsets[g + 1]) - lo
+        out.append(np.stack([self.arrays[n][lo:lo + take].read().result()
+                             for n in ("tokens", "segment_ids")], axis=1))
+      else:
+        starts = np.cumsum([0, *self.records[g]["parts"]])
+        j = int(np.searchsorted(starts, local, side="right")) - 1
+        take = min(hi - lo, starts[j + 1] - local)
+        out.append(self._part(g, j)[local - starts[j]: local - starts[j] + take])
       lo += take
     return np.concatenate(out)
 
@@ -252,21 +328,25 @@ def _mark_batches(done: np.ndarray, per: int, p: int, P: int):
   return [(lo, hi) for lo, hi in lo_hi if not done[lo:hi].all()]
 
 
-def assemble_mine(path, meta: dict, counts, p: int, P: int):
-  """Writes process p's contiguous range of final row chunks from the staged parts, one
-  `tokens_done` chunk's worth of row chunks per batch, marked by one write once its rows are
-  durably written. Batch b+1 is read and its writes issued before batch b is waited on."""
+def assemble_mine(path, meta: dict, records, p: int, P: int):
+  """Marks process p's contiguous range of final row chunks done, one `tokens_done` chunk's
+  worth of row chunks per batch; a batch holding rows of staged pieces is first copied from
+  staging (batch b+1 read and its writes issued before batch b is waited on); rows written
+  directly are only marked."""
   R, n = meta["rows_per_chunk"], meta["rows"]
   arrays = cache.open_arrays(path, meta, layout=cache.token_layout(n, meta["seq_len"], R),
                              context=cache.ONCE)
   marks = arrays["tokens_done"]
   done = marks.read().result()
-  staged = _Parts(path, counts, [_record(path, g)["parts"] for g in range(len(counts))])
+  src = _Rows(path, records, arrays)
   pending, marking = None, []
   for lo, hi in _mark_batches(done, marks.chunk_layout.write_chunk.shape[0], p, P):
-    rows = staged.rows(lo * R, min(hi * R, n))
-    sl = slice(lo * R, lo * R + len(rows))
-    writes = [arrays["tokens"][sl].write(rows[:, 0]), arrays["segment_ids"][sl].write(rows[:, 1])]
+    sl = slice(lo * R, min(hi * R, n))
+    writes = []
+    if any("at" not in records[g] for g in src.pieces(sl.start, sl.stop)):
+      rows = src.rows(sl.start, sl.stop)
+      writes = [arrays["tokens"][sl].write(rows[:, 0]),
+                arrays["segment_ids"][sl].write(rows[:, 1])]
     if pending:
       marking.append(_mark(marks, *pending))
     pending = (writes, lo, hi)
@@ -277,8 +357,7 @@ def assemble_mine(path, meta: dict, counts, p: int, P: int):
 
 
 def _mark(marks, writes, lo, hi):
-  for f in writes:
-    f.result()
+  _wait(writes)
   return marks[lo:hi].write(np.ones(hi - lo, np.uint8))
 
 
@@ -345,6 +424,25 @@ def _precheck(spec: DataSpec, plist):
   next(sources.docs(plist[0], spec), None)
 
 
+# The final arrays' row bound until the row count is known: pieces are written to them as
+# soon as their offset is known, and the arrays are then cut to the count (metadata only).
+ROW_BOUND = 2**40
+
+
+def _open(path, meta, rows=ROW_BOUND, create=False):
+  return cache.open_arrays(path, meta, create=create, context=cache.ONCE,
+                           layout=cache.token_layout(rows, meta["seq_len"],
+                                                     meta["rows_per_chunk"]))
+
+
+def _unsized_arrays(path, meta):
+  """Process 0: the final arrays at ROW_BOUND rows, unless a killed run made them."""
+  try:
+    _open(path, meta)
+  except UserError:
+    _open(path, meta, create=True)
+
+
 def build(spec: DataSpec, path: str, tok, *, rows_per_chunk: int, codec: str,
           overwrite: bool = False, verify: bool = False, progress: bool = True) -> dict:
   """Runs the tokens phase (every process calls it); returns the complete tokens metadata."""
@@ -360,20 +458,26 @@ def build(spec: DataSpec, path: str, tok, *, rows_per_chunk: int, codec: str,
   meta = cache.read_metadata(path, META)
   if meta.get("complete"):
     return meta
-  stage_mine(path, spec, plist, tok, p, P, progress and p == 0)
+  if p == 0 and meta.get("rows") is None:
+    _unsized_arrays(path, meta)
+  _barrier(f"tokens {path} arrays")
+  arrays = _open(path, meta)
+  stage_mine(path, spec, plist, tok, arrays, rows_per_chunk, p, P, progress and p == 0)
   _barrier(f"tokens {path} staged")
-  counts, stats = piece_table(path, len(plist), spec.max_rows)
-  n = min(sum(counts), spec.max_rows or sum(counts))
+  records, stats = piece_table(path, len(plist), spec.max_rows)
+  total = sum(r["rows"] for r in records)
+  n = min(total, spec.max_rows or total)
   if n == 0:
     raise ConfigError(f"data.source={list(spec.source)}: no rows after tokenization (every "
                       "document is empty)")
   if p == 0 and meta.get("rows") is None:
-    cache.open_arrays(path, meta, create=True, layout=cache.token_layout(n, spec.seq_len,
-                                                                         rows_per_chunk))
+    for name, (_, shape) in cache.token_layout(n, spec.seq_len, rows_per_chunk).items():
+      arrays[name].resize(exclusive_max=[shape[0], *[None] * (len(shape) - 1)],
+                          resize_metadata_only=True).result()
     cache.write_metadata(path, {**meta, "rows": n}, META)
-  _barrier(f"tokens {path} arrays")
+  _barrier(f"tokens {path} sized")
   meta = {**meta, "rows": n}
-  assemble_mine(path, meta, counts, p, P)
+  assemble_mine(path, meta, records, p, P)
   _barrier(f"tokens {path} assembled")
   if p == 0:
     meta.update(complete=True, stats={**meta["stats"], **stats})
