@@ -24,7 +24,6 @@ build with one line naming the file and line.
 """
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 
@@ -59,34 +58,48 @@ class Packer:
 
   def __init__(self, seq_len: int, eos: int, pad: int):
     self.L, self.eos, self.pad = seq_len, eos, pad
-    self.tok, self.doc, self.n_docs = np.zeros(0, np.int32), np.zeros(0, np.int64), 0
+    # The carry (less than a row): its tokens, and 1 where a document starts.
+    self.tok, self.start = np.zeros(0, np.int32), np.zeros(0, np.int8)
     self.stats = {"docs": 0, "empty_docs": 0, "long_docs": 0, "tokens": 0}
 
   def add(self, ids: list[list[int]]):
     lens = np.fromiter(map(len, ids), np.int64, len(ids))
-    self.stats["empty_docs"] += int((lens == 0).sum())
-    ids, lens = [x for x in ids if x], lens[lens > 0]
+    if not lens.all():
+      self.stats["empty_docs"] += int((lens == 0).sum())
+      ids, lens = [x for x in ids if x], lens[lens > 0]
     self.stats["docs"] += len(ids)
     self.stats["long_docs"] += int((lens + 1 > self.L).sum())
-    ends = np.cumsum(lens + 1)
-    flat = np.full(int(ends[-1]) if len(ends) else 0, self.eos, np.int32)
-    body = np.ones(len(flat), bool)
-    body[ends - 1] = False
-    flat[body] = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lens.sum()))
-    doc = np.repeat(np.arange(self.n_docs, self.n_docs + len(ids)), lens + 1)
-    self.n_docs += len(ids)
-    self.stats["tokens"] += len(flat)
-    self.tok, self.doc = np.concatenate([self.tok, flat]), np.concatenate([self.doc, doc])
-    m = len(self.tok) // self.L
-    tok, doc = self.tok[:m * self.L].reshape(m, self.L), self.doc[:m * self.L].reshape(m, self.L)
-    self.tok, self.doc = self.tok[m * self.L:], self.doc[m * self.L:]
-    return tok, (doc - doc[:, :1] + 1).astype(np.int32)
+    c = len(self.tok)
+    ends = c + np.cumsum(lens + 1)
+    starts = ends - lens - 1
+    n = int(ends[-1]) if len(ends) else c
+    self.stats["tokens"] += n - c
+    flat, start = np.empty(n, np.int32), np.zeros(n, np.int8)
+    flat[:c], start[:c] = self.tok, self.start
+    for s, x in zip(starts.tolist(), ids):  # a list into a slice: converted in C
+      flat[s:s + len(x)] = x
+    flat[ends - 1] = self.eos
+    start[starts] = 1
+    m = n // self.L
+    tok, first = flat[:m * self.L].reshape(m, self.L), start[:m * self.L].reshape(m, self.L)
+    self.tok, self.start = flat[m * self.L:], start[m * self.L:]
+    return tok, self._segments(first)
+
+  @staticmethod
+  def _segments(start):
+    """Segment ids of rows [m, L] from their document-start flags: a row counts from 1."""
+    start[:, 0] = 0
+    seg = np.cumsum(start, axis=1, dtype=np.int32)
+    seg += 1
+    return seg
 
   def finish(self):
     n = len(self.tok)
     tok, seg = np.full((1, self.L), self.pad, np.int32), np.zeros((1, self.L), np.int32)
-    tok[0, :n], seg[0, :n] = self.tok, self.doc - (self.doc[0] if n else 0) + 1
-    return (tok, seg) if n else (tok[:0], seg[:0])
+    if not n:
+      return tok[:0], seg[:0]
+    tok[0, :n], seg[0, :n] = self.tok, self._segments(self.start[None])[0]
+    return tok, seg
 
 
 def pack(ids: list[list[int]], seq_len: int, eos: int, pad: int):
