@@ -61,6 +61,8 @@ def get_config(arg: str = ""):
   c.cache.chunks_per_step = 2          # chunks per process per teacher forward
   c.cache.shuffle_chunks = 8           # training reads: chunks whose rows are shuffled together
   c.cache.prefetch = 4                 # training reads: batches read ahead (async)
+  c.cache.read_lanes = 0               # training reads: lanes of chunks, each process reads its
+                                       # own (0 = the process count; kept in checkpoints)
   c.cache.vocab_chunk = 8192           # vocab columns per step of the top-k/logsumexp scan
   c.cache.codec = "zstd"               # zstd | none (a crc32c checksum is always stored)
 

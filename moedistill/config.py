@@ -49,6 +49,13 @@ def _positive(value, field):
   return value
 
 
+def _lanes(value):
+  _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+         f"config.cache.read_lanes={value!r}: expected 0 (the process count) or a positive "
+         "integer")
+  return value
+
+
 def _bool(value, field):
   _check(isinstance(value, bool), f"config.{field}={value!r}: expected True or False")
   return value
@@ -83,6 +90,7 @@ class CacheConfig:
   codec: str
   shuffle_chunks: int = 8  # training reads: chunks whose rows are shuffled together
   prefetch: int = 4        # training reads: batches read ahead
+  read_lanes: int = 0      # training reads: lanes of chunks (0: the process count, kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +189,8 @@ def _cache(c) -> CacheConfig:
                      rows_per_chunk=cc.rows_per_chunk, chunks_per_step=cc.chunks_per_step,
                      vocab_chunk=cc.vocab_chunk, codec=cc.codec,
                      shuffle_chunks=_positive(cc.get("shuffle_chunks", 8), "cache.shuffle_chunks"),
-                     prefetch=_positive(cc.get("prefetch", 4), "cache.prefetch"))
+                     prefetch=_positive(cc.get("prefetch", 4), "cache.prefetch"),
+                     read_lanes=_lanes(cc.get("read_lanes", 0)))
 
 
 def _number(x) -> bool:

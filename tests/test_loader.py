@@ -6,6 +6,7 @@ import pytest
 
 from moedistill.data import cache
 from moedistill.data.loader import Loader, Order
+from moedistill.errors import UserError
 
 ROWS, L, K, R = 45, 6, 3, 4  # 12 chunks, the last one partial
 
@@ -76,3 +77,72 @@ def test_process_slices_tile_the_global_batch(reader):
     halves = [t.batch(s) for t in two]
     for name in whole:
       np.testing.assert_array_equal(np.concatenate([h[name] for h in halves]), whole[name])
+
+
+def reference_lane(rows, R, W, seed, lanes, lane, epochs):
+  """A lane's row sequence spelled out: its chunks (c % lanes == lane) permuted per epoch,
+  windows of W chunks, each window's rows permuted."""
+  chunks = [c for c in range(-(-rows // R)) if c % lanes == lane]
+  out = []
+  for e in range(epochs):
+    perm = [chunks[i] for i in np.random.default_rng([seed, lanes, lane, e]).permutation(
+        len(chunks))]
+    for w in range(0, len(perm), W):
+      window_rows = [r for c in perm[w:w + W] for r in range(c * R, min(c * R + R, rows))]
+      shuffle = np.random.default_rng([seed, lanes, lane, e, w // W]).permutation(
+          len(window_rows))
+      out += [window_rows[i] for i in shuffle]
+  return np.asarray(out)
+
+
+def test_lanes_order_matches_reference_and_the_batch_is_the_same_for_any_process_count(
+    reader):
+  """3 lanes: the global batch is the lanes' sequences side by side, the same for 1, 2, 3
+  and 6 processes (2 cuts a lane in two), and it resumes at any step."""
+  B, seed, lanes, n_steps = 6, 5, 3, 16
+  refs = [reference_lane(ROWS, R, 2, seed, lanes, i, 7) for i in range(lanes)]
+  one = Loader(reader, B, seed, window=2, prefetch=2, lanes=lanes)
+  for s in range(n_steps):
+    rows = np.concatenate([ref[s * 2:(s + 1) * 2] for ref in refs])
+    whole = one.batch(s)
+    expect = reader.read_rows(rows)
+    for name in whole:
+      np.testing.assert_array_equal(whole[name], expect[name], err_msg=f"{name} step {s}")
+    for P in (2, 3, 6):
+      parts = [Loader(reader, B, seed, p, P, window=2, lanes=lanes).batch(s) for p in range(P)]
+      for name in whole:
+        np.testing.assert_array_equal(np.concatenate([x[name] for x in parts]), whole[name])
+
+
+def test_each_process_decodes_only_its_lanes_chunks(reader):
+  """One lane per process: the two processes' reads are disjoint chunk sets that cover the
+  cache, each chunk once per epoch; one lane shared by two processes reads every chunk in
+  both."""
+  n_chunks = -(-ROWS // R)
+  two = [Loader(reader, 8, 2, p, 2, window=2, prefetch=1, lanes=2) for p in range(2)]
+  for s in range(10):  # 80 rows: both lanes finish their first epoch (~22 rows each)
+    for t in two:
+      t.batch(s)
+  first = [{c for e, c in t.reads if e == 0} for t in two]
+  assert first[0] == set(range(0, n_chunks, 2)) and first[1] == set(range(1, n_chunks, 2))
+  assert max(max(t.reads.values()) for t in two) == 1
+  shared = [Loader(reader, 8, 2, p, 2, window=2, prefetch=1) for p in range(2)]
+  for s in range(6):
+    for t in shared:
+      t.batch(s)
+  assert all({c for e, c in t.reads if e == 0} == set(range(n_chunks)) for t in shared)
+
+
+def test_lanes_refused_in_one_line(reader):
+  with pytest.raises(UserError, match="not divisible by cache.read_lanes=4"):
+    Loader(reader, 6, 0, lanes=4)
+  with pytest.raises(UserError, match="read_lanes=16 is more than the cache's 12 row chunks"):
+    Loader(reader, 16, 0, lanes=16)
+
+
+def test_run_lanes_come_from_the_config_then_the_checkpoints_then_the_process_count():
+  from moedistill.training.trainer import read_lanes
+  assert read_lanes(0, None, 4) == 4   # a fresh run on 4 processes
+  assert read_lanes(0, 4, 2) == 4      # resumed on 2: the batches stay those of 4 lanes
+  assert read_lanes(0, 1, 8) == 1      # checkpoints from before lanes: one lane
+  assert read_lanes(3, 4, 2) == 3      # the config decides (the order changes, said once)

@@ -2,7 +2,9 @@
 (1) a kill of one process and a restart of both, (2) SIGTERM to only one process: both save
 the same step and exit 0, and the rerun finishes. Each result equals a single process driving
 the same 2-device mesh to float32 tolerance (gloo's all-reduce sums in another order than the
-in-process one, so bits may differ; exact resume itself is tested in test_train.py)."""
+in-process one, so bits may differ; exact resume itself is tested in test_train.py). The pair
+reads in its default lanes, one per process (each decodes only its own chunks); the single
+process is given the same 2 lanes, so both see the same batches."""
 import os
 import re
 import signal
@@ -15,14 +17,16 @@ import numpy as np
 import pytest
 
 from conftest import job_config, make_hf_checkpoint, make_tokenizer, write_config_file
+from moedistill.training.checkpoint import Checkpoints
 from test_cache import free_port
 from test_train import tensors
 
 STEPS = 6  # per stage
 
 
-def _config(tmp, teacher, **over):
+def _config(tmp, teacher, lanes=0, **over):
   c = job_config(tmp, teacher)
+  c.cache.read_lanes = lanes  # 0: the process count, so 2 for a pair of processes
   c.stages.wrappers.steps, c.stages.all.steps = STEPS, STEPS
   c.train.batch_size, c.train.checkpoint_every, c.train.log_every = 4, 2, 1
   for k, v in over.items():
@@ -54,7 +58,7 @@ def one_process(tmp_path_factory):
   make_hf_checkpoint(teacher, vocab_size=64)
   make_tokenizer(teacher)
   (tmp / "one").mkdir()
-  cfg, work = _config(tmp / "one", teacher)
+  cfg, work = _config(tmp / "one", teacher, lanes=2)  # the pair's lanes: the same batches
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   one = subprocess.run([sys.executable, "-m", "moedistill.train", f"--config={cfg}"],
                        capture_output=True, text=True, env=env, timeout=600)
@@ -87,6 +91,8 @@ def test_two_processes_with_a_kill_equal_one_process(tmp_path, one_process):
   outs = _finish_pair(cfg2)  # restart both
   assert "resumed from" in outs[0][0]
   _assert_same_export(work1, work2)
+  ckpt = Checkpoints(work2 / "checkpoints", keep=10)
+  assert ckpt.read_meta(ckpt.mngr.latest_step())["read_lanes"] == 2
 
 
 def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path, one_process):

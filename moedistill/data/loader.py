@@ -1,16 +1,24 @@
-"""Training reads in chunk order: a pure function of (seed, step, process), read ahead.
+"""Training reads in chunk order: a pure function of (seed, lanes, step, process), read ahead.
 
-Row order (`Order`): epoch e visits the cache's row chunks in a permutation drawn from
-(seed, e); consecutive groups of `window` chunks form a shuffle window whose rows are
-permuted together, drawn from (seed, e, w). The global batch at step n is rows
-[n·B, (n+1)·B) of that endless sequence (epochs back to back), process p takes its slice.
-Nothing depends on what was read before, so a resumed run needs only the step, and the
-global batch is the same for any process count.
+Lanes (`cache.read_lanes`, default the process count): the row chunks are dealt to lanes,
+chunk c to lane c % lanes, and the global batch of B rows is the lanes' rows side by side,
+B / lanes from each. A process takes its contiguous slice of the global batch, so it reads
+only the chunks of the lanes under that slice: with one lane per process, each process
+decodes 1/P of the cache per epoch instead of all of it. The global batch depends on the
+lane count, not on the process count, so a run resumes exactly on any number of processes
+as long as it keeps its lanes (the trainer records them in its checkpoints).
+
+Row order of a lane (`Order`): its epoch e visits the lane's chunks in a permutation drawn
+from (seed, e); consecutive groups of `window` chunks form a shuffle window whose rows are
+permuted together, drawn from (seed, e, w) (with more than one lane, the seed is extended by
+the lane count and the lane). Step n takes rows [n·b, (n+1)·b) of that endless sequence
+(epochs back to back, b = B / lanes). Nothing depends on what was read before, so a resumed
+run needs only the step.
 
 Reads (`Loader`): a window's chunks are read whole with async TensorStore reads, issued when
 a step within `prefetch` steps ahead needs them, and kept until no later step does; so every
-chunk is decoded once per epoch (per process) and reads overlap training. Random rows out of
-compressed chunks would decode a chunk per row instead.
+chunk is decoded once per epoch and reads overlap training. Random rows out of compressed
+chunks would decode a chunk per row instead.
 """
 from __future__ import annotations
 
@@ -25,21 +33,24 @@ NAMES = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse")
 
 
 class Order:
-  """Which rows come at which position of the endless, epoch-wise shuffled sequence."""
+  """Which rows come at which position of one lane's endless, epoch-wise shuffled sequence."""
 
-  def __init__(self, rows: int, rows_per_chunk: int, window: int, seed: int):
-    self.rows, self.R, self.W, self.seed = rows, rows_per_chunk, window, seed
-    self.n_chunks = -(-rows // rows_per_chunk)
+  def __init__(self, rows: int, rows_per_chunk: int, window: int, seed: int, lanes: int = 1,
+               lane: int = 0):
+    self.total, self.R, self.W = rows, rows_per_chunk, window
+    self.chunks = np.arange(lane, -(-rows // rows_per_chunk), lanes)
+    self.rows = int(np.minimum(self.R, rows - self.chunks * self.R).sum())
+    self.key = [seed] if lanes == 1 else [seed, lanes, lane]
 
   def chunk_rows(self, c) -> np.ndarray:
-    return np.arange(c * self.R, min(c * self.R + self.R, self.rows))
+    return np.arange(c * self.R, min(c * self.R + self.R, self.total))
 
   @functools.lru_cache(maxsize=4)
   def epoch(self, e: int):
     """(chunk permutation, row offset of each window in the epoch)."""
-    perm = np.random.default_rng([self.seed, e]).permutation(self.n_chunks)
-    sizes = np.minimum(self.R, self.rows - perm * self.R)
-    per_window = np.add.reduceat(sizes, np.arange(0, self.n_chunks, self.W))
+    perm = self.chunks[np.random.default_rng(self.key + [e]).permutation(len(self.chunks))]
+    sizes = np.minimum(self.R, self.total - perm * self.R)
+    per_window = np.add.reduceat(sizes, np.arange(0, len(perm), self.W))
     return perm, np.concatenate([[0], np.cumsum(per_window)])
 
   def window_chunks(self, e: int, w: int) -> np.ndarray:
@@ -48,7 +59,7 @@ class Order:
   @functools.lru_cache(maxsize=8)
   def window_perm(self, e: int, w: int) -> np.ndarray:
     n = int(sum(len(self.chunk_rows(c)) for c in self.window_chunks(e, w)))
-    return np.random.default_rng([self.seed, e, w]).permutation(n)
+    return np.random.default_rng(self.key + [e, w]).permutation(n)
 
   def segments(self, start: int, count: int):
     """[(epoch, window, positions in the window's row list)] covering positions
@@ -74,53 +85,67 @@ class Loader:
   """`batch(step)`: this process's rows of the global batch at `step`, read by window."""
 
   def __init__(self, reader, batch_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1, window: int = 8, prefetch: int = 4):
+               process_count: int = 1, window: int = 8, prefetch: int = 4, lanes: int = 1):
+    R = reader.meta["rows_per_chunk"]
     if batch_size % process_count:
       raise UserError(f"batch_size={batch_size} is not divisible by {process_count} processes")
+    if batch_size % lanes:
+      raise UserError(f"train.batch_size={batch_size} is not divisible by cache.read_lanes="
+                      f"{lanes} (each lane gives batch_size / read_lanes rows a step)")
+    if lanes > -(-reader.rows // R):
+      raise UserError(f"cache.read_lanes={lanes} is more than the cache's "
+                      f"{-(-reader.rows // R)} row chunks (each lane needs its own chunks)")
     self.reader, self.prefetch = reader, prefetch
-    self.per = batch_size // process_count
-    self.B, self.p = batch_size, process_index
-    self.order = Order(reader.rows, reader.meta["rows_per_chunk"], window, seed)
-    self.windows = {}  # (epoch, window) -> {chunk: {name: future or array}}
+    per = batch_size // process_count
+    self.lo, self.hi = process_index * per, (process_index + 1) * per  # in the global batch
+    self.b = batch_size // lanes  # rows per lane and step
+    self.orders = [Order(reader.rows, R, window, seed, lanes, i) for i in range(lanes)]
+    self.windows = {}  # (lane, epoch, window) -> {chunk: {name: future or array}}
     self.reads = collections.Counter()  # (epoch, chunk) -> reads issued (tests count them)
 
   def _segments(self, step: int):
-    return self.order.segments(step * self.B + self.p * self.per, self.per)
+    """[(lane, epoch, window, positions)] of this process's slice of the step's batch."""
+    out = []
+    for lane in range(self.lo // self.b, -(-self.hi // self.b)):
+      a, z = max(self.lo, lane * self.b), min(self.hi, (lane + 1) * self.b)
+      out += [(lane, e, w, local) for e, w, local in
+              self.orders[lane].segments(step * self.b + a - lane * self.b, z - a)]
+    return out
 
   def _issue(self, key):
     if key in self.windows:
       return
-    arrays = self.reader.arrays
+    arrays, order = self.reader.arrays, self.orders[key[0]]
     self.windows[key] = {int(c): {n: arrays[n][rows[0]: rows[-1] + 1].read() for n in NAMES}
-                         for c in self.order.window_chunks(*key)
-                         for rows in [self.order.chunk_rows(c)]}
-    self.reads.update((key[0], c) for c in self.windows[key])
+                         for c in order.window_chunks(*key[1:])
+                         for rows in [order.chunk_rows(c)]}
+    self.reads.update((key[1], c) for c in self.windows[key])
 
   def _chunks(self, key) -> list[dict[str, np.ndarray]]:
     """The window's decoded chunks in window order (each decoded once: the futures are
     replaced by their arrays)."""
     data = self.windows[key]
     if isinstance(data, dict):
-      data = [self.reader.result(futs, self.order.chunk_rows(c)) for c, futs in data.items()]
+      order = self.orders[key[0]]
+      data = [self.reader.result(futs, order.chunk_rows(c)) for c, futs in data.items()]
       self.windows[key] = data
     return data
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     segments = self._segments(step)
-    need = [(e, w) for e, w, _ in segments]
-    ahead = {(e, w) for s in range(step, step + self.prefetch + 1)
-             for e, w, _ in self._segments(s)}
+    need = [s[:3] for s in segments]
+    ahead = {s[:3] for t in range(step, step + self.prefetch + 1) for s in self._segments(t)}
     for key in sorted(ahead, key=lambda k: (k not in need, k)):
       self._issue(key)
     for key in [k for k in self.windows if k not in ahead]:
       del self.windows[key]  # no step from here on needs it
     out, pos = None, 0
-    for e, w, local in segments:
-      chunks = self._chunks((e, w))
+    for *key, local in segments:
+      chunks = self._chunks(tuple(key))
       starts = np.cumsum([0] + [len(c["tokens"]) for c in chunks])
       which = np.searchsorted(starts, local, side="right") - 1
       if out is None:
-        out = {n: np.empty((self.per, *chunks[0][n].shape[1:]), chunks[0][n].dtype)
+        out = {n: np.empty((self.hi - self.lo, *chunks[0][n].shape[1:]), chunks[0][n].dtype)
                for n in NAMES}
       for j in np.unique(which):  # copy only the rows this process needs, chunk by chunk
         at = np.flatnonzero(which == j)

@@ -24,6 +24,7 @@ build with one line naming the file and line.
 """
 from __future__ import annotations
 
+import json
 import queue
 import threading
 
@@ -280,15 +281,19 @@ def stage_mine(path, spec: DataSpec, plist, tok, arrays, rows_per_chunk, p: int,
 
 def piece_table(path, n_pieces: int, max_rows: int):
   """(records, stats summed) over the prefix of pieces the rows come from."""
-  recs, stats = [], {}
+  kv = cache.kvstore(path)  # all records read at once: one round trip, not one per piece
+  reads = [kv.read(f"{STAGING}{g:08d}.json") for g in range(n_pieces)]
+  recs, stats, total = [], {}, 0
   for g in range(n_pieces):
-    if max_rows and sum(r["rows"] for r in recs) >= max_rows:
+    if max_rows and total >= max_rows:
       break
-    r = cache.read_metadata(path, f"{STAGING}{g:08d}.json")
+    got = reads[g].result()
+    r = json.loads(got.value) if got.state == "value" else None
     if r is None:
       raise UserError(f"cache {path}: piece {g} of the tokens phase is missing after all "
                       "processes finished (was the cache written by another run?)")
     recs.append(r)
+    total += r["rows"]
     for k, v in r["stats"].items():
       stats[k] = stats.get(k, 0) + v
   return recs, stats

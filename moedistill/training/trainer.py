@@ -79,6 +79,15 @@ class Logger:
       self.tb.close()
 
 
+def read_lanes(configured: int, stored: int | None, process_count: int) -> int:
+  """The run's read lanes (the batch order depends on them): the config's, else those its
+  checkpoints were made with, else the process count of its first start."""
+  if configured and stored and configured != stored:
+    print(f"cache.read_lanes={configured}: the checkpoints were made with {stored} lanes, "
+          "so the batch order changes from here")
+  return configured or stored or process_count
+
+
 class Trainer:
   def __init__(self, job: Job, model, reader: CacheReader, mesh, *, progress: bool = True):
     self.job, self.reader, self.mesh, self.progress = job, reader, mesh, progress
@@ -91,7 +100,8 @@ class Trainer:
     self.offsets = np.concatenate([[0], np.cumsum(self.steps)]).astype(int).tolist()
     self.sigterm = False
     self.pool = concurrent.futures.ThreadPoolExecutor(1)
-    self.loader = None  # loader.Loader: chunk-order reads, async, several steps ahead
+    self.loader = None  # loader.Loader (chunk-order reads, async, ahead), made by restore
+    self.lanes = None  # the run's read lanes, known after restore
     self.logger = None  # opened after restore: a refused checkpoint leaves the workdir as is
 
   # --- optimizer / state per stage -------------------------------------------------------
@@ -124,6 +134,12 @@ class Trainer:
   def restore(self):
     """(stage index, step in stage, opt_state or None) to continue from."""
     got = self.ckpt.restore_latest(self._target_for)
+    # Checkpoints from before lanes existed were made with one lane.
+    self.lanes = read_lanes(self.job.cache.read_lanes, got and got[1].get("read_lanes", 1),
+                            jax.process_count())
+    self.loader = Loader(self.reader, self.job.train.batch_size, self.job.seed,
+                         jax.process_index(), jax.process_count(), self.job.cache.shuffle_chunks,
+                         self.job.cache.prefetch, self.lanes)  # refuses bad lanes before work
     if got is None:
       if self.job.train.restart_from:
         self.params = dict(restore_params(self.job.train.restart_from,
@@ -140,11 +156,6 @@ class Trainer:
 
   # --- the loop ---------------------------------------------------------------------------
   def _batch(self, g: int):
-    tc = self.job.train
-    if self.loader is None:  # made on first use: reads start in the prefetch thread
-      self.loader = Loader(self.reader, tc.batch_size, self.job.seed, jax.process_index(),
-                           jax.process_count(), self.job.cache.shuffle_chunks,
-                           self.job.cache.prefetch)
     return self.loader.batch(g)
 
   def _step_config(self, stage: Stage) -> StepConfig:
@@ -187,7 +198,7 @@ class Trainer:
       self.params = {**trainable, **frozen}
       self.ckpt.save(g, {"params": self.params, "opt_state": opt_state},
                      {"stage": i, "step_in_stage": s, "global_step": g,
-                      "seed": self.job.seed}, wait=stop)
+                      "seed": self.job.seed, "read_lanes": self.lanes}, wait=stop)
     return stop
 
   def _compile_step(self, stage: Stage, tx, trainable, opt_state):
