@@ -1,7 +1,7 @@
 """Training-batch reads from a cache: chunk-order loader vs random rows vs contiguous rows.
 
 Usage: python scripts/bench_reads.py [--rows 1024] [--seq_len 1024] [--k 64] [--batch 64]
-       [--rows_per_chunk 16] [--window 8] [--dir /tmp/bench_reads]
+       [--rows_per_chunk 16] [--window 8] [--processes 2] [--dir /tmp/bench_reads]
 Writes a synthetic zstd cache (random top-k ids and sorted bf16 logits: it compresses about
 like a real one) under --dir, then times, per batch of --batch rows over one epoch:
   random      the previous reader: rows of a global permutation, read with one `oindex` read
@@ -9,7 +9,11 @@ like a real one) under --dir, then times, per batch of --batch rows over one epo
   contiguous  consecutive rows (the floor: each chunk decoded once, in order);
   loader      `moedistill.data.loader.Loader` (chunk permutation + shuffle window of --window
               chunks, async reads --prefetch steps ahead), with --compute_ms of simulated
-              train step between batches (0 = reads only).
+              train step between batches (0 = reads only);
+  process 0 of --processes P, reading its B/P rows of each global batch: from one lane
+              shared by all processes (`read_lanes=1`: it decodes every window) against
+              one lane per process (the default `read_lanes=P`: it decodes only its own
+              chunks); ms per batch and row chunks decoded.
 Reads go through no decoded-chunk cache pool (a cache at scale dwarfs any pool). Prints JSON
 with ms per batch and the ratios to `random`. Deletes the cache afterwards.
 """
@@ -67,7 +71,8 @@ def timed(fn, steps: int, compute_ms: float) -> float:
 def main():
   ap = argparse.ArgumentParser()
   for name, default in [("rows", 1024), ("seq_len", 1024), ("k", 64), ("batch", 64),
-                        ("rows_per_chunk", 16), ("window", 8), ("prefetch", 4)]:
+                        ("rows_per_chunk", 16), ("window", 8), ("prefetch", 4),
+                        ("processes", 2)]:
     ap.add_argument(f"--{name}", type=int, default=default)
   ap.add_argument("--compute_ms", type=float, default=0.0)
   ap.add_argument("--dir", default="/tmp/bench_reads")
@@ -87,8 +92,15 @@ def main():
                               steps, a.compute_ms)}
     loader = Loader(reader, a.batch, seed=0, window=a.window, prefetch=a.prefetch)
     ms["loader"] = timed(loader.batch, steps, a.compute_ms)
-    res["ms_per_batch"] = {k: round(v, 1) for k, v in ms.items()}
     res["speedup_vs_random"] = {k: round(ms["random"] / max(v, 1e-3), 2) for k, v in ms.items()}
+    decoded = {}
+    for name, lanes in [("p0_shared_lane", 1), ("p0_own_lane", a.processes)]:
+      p0 = Loader(reader, a.batch, seed=0, process_count=a.processes, window=a.window,
+                  prefetch=a.prefetch, lanes=lanes)
+      ms[name] = timed(p0.batch, steps, a.compute_ms)
+      decoded[name] = sum(p0.reads.values())
+    res["ms_per_batch"] = {k: round(v, 1) for k, v in ms.items()}
+    res["process_0_chunks_decoded"] = decoded
     print(json.dumps(res, indent=2))
   finally:
     shutil.rmtree(a.dir, ignore_errors=True)
