@@ -43,7 +43,7 @@ def routing_frequency(teacher, reader, max_rows: int = 256, batch: int = 8, mesh
   """Per MoE layer, how often each expert is among a token's top-k on cached rows. With
   `mesh` (the teacher's params on it) batches are sharded over it: every process calls this
   and reads only its share of the rows."""
-  from moedistill.evaluate import read_batch, eval_batch_size
+  from moedistill.training.held_out import read_batch, eval_batch_size
   cfg = teacher.config
   graphdef, state = nnx.split(teacher)
 

@@ -9,92 +9,15 @@ CLI: python -m moedistill.evaluate --checkpoint=DIR --cache=PATH [--temperature=
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from moedistill import sharding
 from moedistill.cli import load_job, pick, run
 from moedistill.data.cache import CacheReader
-from moedistill.errors import UserError
 from moedistill.hub import hf
-from moedistill.training.train_step import StepConfig, micro_loss
-
-
-def eval_program(graphdef, config, temperature: float, t_index: int, chunk: int = 4096,
-                 mesh=None):
-  """The jitted metric sums of one batch, (state, batch) -> sums: the training loss path in
-  bucket mode, alpha 1, no aux. Also what `moedistill.plan` compiles."""
-  sc = StepConfig(alpha=1.0, temperature=temperature, mode="bucket", t_index=t_index,
-                  vocab_chunk=chunk, micro_batches=1, aux_coef=0.0,
-                  top_k=config.num_experts_per_tok)
-
-  def fn(state, batch):
-    return micro_loss(nnx.merge(graphdef, state), batch, 1.0, sc)[1]
-
-  if mesh is None:
-    return jax.jit(fn)
-  return jax.jit(sharding.on_mesh(mesh, fn), out_shardings=sharding.replicated(mesh))
-
-
-def make_eval_fn(model, temperature: float, t_index: int, chunk: int = 4096, mesh=None):
-  graphdef, state = nnx.split(model)
-  fn = eval_program(graphdef, model.config, temperature, t_index, chunk, mesh)
-  return lambda batch: fn(state, batch)
-
-
-def eval_batch_size(mesh, requested: int) -> int:
-  """`requested` rounded up so that every batch shard of the mesh and every process gets
-  whole rows (padding rows count for nothing)."""
-  if mesh is None:
-    return requested
-  d = math.lcm(sharding.batch_divisor(mesh), jax.process_count())
-  return -(-requested // d) * d
-
-
-def read_batch(reader: CacheReader, lo: int, n: int, batch_size: int, mesh):
-  """Rows lo.. of a fixed-shape batch; on a mesh each process reads only its share."""
-  real = np.arange(lo, min(lo + batch_size, n))
-  idx = np.pad(real, (0, batch_size - len(real)), mode="edge")
-  valid = np.arange(batch_size) < len(real)
-  if mesh is not None:
-    per = batch_size // jax.process_count()
-    mine = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
-    idx, valid = idx[mine], valid[mine]
-  rows = reader.read_rows(idx)
-  rows["segment_ids"][~valid] = 0  # padding rows count for nothing
-  if mesh is None:
-    return {k: jnp.asarray(v) for k, v in rows.items()}
-  return {k: sharding.global_batch(mesh, v) for k, v in rows.items()}
-
-
-def evaluate_model(model, reader: CacheReader, *, temperature: float = 1.0,
-                   batch_size: int = 8, max_rows: int = 0, mesh=None) -> dict:
-  """Held-out figures of `model`; with `mesh` (the model's params on it) batches are
-  sharded over the mesh and every process must call this."""
-  t_index = reader.temperature_index(temperature)
-  if t_index is None:
-    raise UserError(f"evaluate: temperature={temperature} is not cached in {reader.path} "
-                    f"(cached: {reader.meta['temperatures']})")
-  reader.validate(vocab_size=model.config.vocab_size, seq_len=reader.meta["seq_len"])
-  fn = make_eval_fn(model, temperature, t_index, mesh=mesh)
-  n = min(reader.rows, max_rows) if max_rows else reader.rows
-  batch_size = eval_batch_size(mesh, batch_size)
-  totals: dict[str, float] = {}
-  for lo in range(0, n, batch_size):
-    sums = fn(read_batch(reader, lo, n, batch_size, mesh))
-    for k, v in sums.items():
-      if k in ("router_aux", "moe_dropped"):
-        continue
-      totals[k] = totals.get(k, 0.0) + float(sharding.to_host(v))
-  tok = max(totals["tokens"], 1.0)
-  return {"ppl": math.exp(totals["ce"] / tok), "ce": totals["ce"] / tok,
-          "kl": totals["kl"] / tok, "top1_agreement": totals["top1_agreement"] / tok,
-          "tokens": int(totals["tokens"]), "temperature": temperature}
+from moedistill.training.held_out import evaluate_model
 
 
 def define_flags():

@@ -268,14 +268,14 @@ def train_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Progra
 def eval_program(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> Program:
   """The report's largest evaluation: a dense model (the teacher; the merged export has the
   same shapes) on one eval batch."""
-  from moedistill import evaluate
+  from moedistill.training import held_out
   rt = dataclasses.replace(rt, remat="none", capacity_factor=Runtime.capacity_factor)
   graphdef, template, params = abstract_model(cfg, rt, None, mesh)
   state = _abstract_state(template, params)
   c = job.cache
-  batch = batch_specs(mesh, evaluate.eval_batch_size(mesh, 8), job.train_data.seq_len, c.k,
+  batch = batch_specs(mesh, held_out.eval_batch_size(mesh, 8), job.train_data.seq_len, c.k,
                       len(c.temperatures))
-  fn = evaluate.eval_program(graphdef, cfg, c.temperatures[0], 0, mesh=mesh)
+  fn = held_out.eval_program(graphdef, cfg, c.temperatures[0], 0, mesh=mesh)
   return Program("eval", lambda: fn.lower(state, batch), device_bytes(params))
 
 

@@ -11,7 +11,7 @@ import jax
 from moedistill import sharding
 from moedistill.config import Job
 from moedistill.data.cache import CacheReader
-from moedistill.evaluate import evaluate_model
+from moedistill.training.held_out import evaluate_model
 from moedistill.hub import hf
 
 ROWS = (("teacher", "teacher"), ("student_init", "zero-shot student"),

@@ -142,7 +142,7 @@ def text_batches(piece, spec: DataSpec):
 
 def id_batches(piece, spec: DataSpec, backend):
   """Token ids of the piece's text batches; run in a thread, batch n+1 is encoded (Rust, GIL
-  released) while batch n is packed and staged, and a second thread parses batch n+2."""
+  released) while batch n is packed and written, and a second thread parses batch n+2."""
   for texts in in_thread(text_batches(piece, spec)):
     yield encode(backend, texts)
 
