@@ -215,6 +215,35 @@ def test_staged_and_direct_pieces_assemble_and_resume_with_another_process_count
   np.testing.assert_array_equal(s, ref_s)
 
 
+def test_kills_while_making_and_cutting_the_arrays_resume(tmp_path, tok_dir, monkeypatch):
+  """Killed after only the first final array was created, then killed between cutting the
+  arrays to the row count and recording it: each rerun goes on, and the rows are right."""
+  files = [write_jsonl(tmp_path / "a.jsonl", 300, 4)]
+  real_open, real_write = cache.open_arrays, cache.write_metadata
+
+  def first_array_only(path, meta, create=False, names=None, **kw):
+    if create and names == ["segment_ids"]:
+      raise Killed
+    return real_open(path, meta, create=create, names=names, **kw)
+
+  def not_the_row_count(path, meta, name="metadata.json"):
+    if name == tokens.META and "rows" in meta and not meta["complete"]:
+      raise Killed
+    return real_write(path, meta, name)
+
+  for patch in (("open_arrays", first_array_only), ("write_metadata", not_the_row_count)):
+    monkeypatch.setattr(cache, *patch)
+    with pytest.raises(Killed):
+      build(files, tok_dir, tmp_path / "s")
+    monkeypatch.undo()
+  assert list((tmp_path / "s").glob("staging/*.json"))  # the second run recorded its pieces
+  build(files, tok_dir, tmp_path / "s")
+  ref_t, ref_s = reference_rows(files, tok_dir, 2048)
+  _, t, s = read_tokens(str(tmp_path / "s"))
+  np.testing.assert_array_equal(t, ref_t)
+  np.testing.assert_array_equal(s, ref_s)
+
+
 def test_max_rows_reads_only_what_it_needs(tmp_path, tok_dir):
   files = [write_jsonl(tmp_path / f"m{i}.jsonl", 4000, i) for i in range(4)]
   t0 = time.perf_counter()

@@ -130,8 +130,14 @@ def kvstore(path: str) -> ts.KvStore:
 
 
 def read_metadata(path: str, name: str = "metadata.json") -> dict | None:
+  return metadata_result(path, name, lambda: kvstore(path).read(name).result())
+
+
+def metadata_result(path: str, name: str, read) -> dict | None:
+  """The JSON that `read()` (a kvstore read of `name`) gets, None when missing; errors in
+  one line."""
   try:
-    r = kvstore(path).read(name).result()
+    r = read()
   except ValueError as e:
     raise UserError(f"cache.path={path}: cannot read ({str(e).splitlines()[0][:160]})") from None
   if r.state != "value":

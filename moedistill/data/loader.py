@@ -88,13 +88,16 @@ class Loader:
                process_count: int = 1, window: int = 8, prefetch: int = 4, lanes: int = 1):
     R = reader.meta["rows_per_chunk"]
     if batch_size % process_count:
-      raise UserError(f"batch_size={batch_size} is not divisible by {process_count} processes")
+      raise UserError(f"train.batch_size={batch_size} is not divisible by {process_count} "
+                      "processes")
     if batch_size % lanes:
       raise UserError(f"train.batch_size={batch_size} is not divisible by cache.read_lanes="
                       f"{lanes} (each lane gives batch_size / read_lanes rows a step)")
     if lanes > -(-reader.rows // R):
-      raise UserError(f"cache.read_lanes={lanes} is more than the cache's "
-                      f"{-(-reader.rows // R)} row chunks (each lane needs its own chunks)")
+      raise UserError(f"{lanes} read lanes (cache.read_lanes; its default 0 means one per "
+                      f"process) are more than the cache's {-(-reader.rows // R)} row chunks, "
+                      "and each lane needs its own; set cache.read_lanes=1 for a cache this "
+                      "small")
     self.reader, self.prefetch = reader, prefetch
     per = batch_size // process_count
     self.lo, self.hi = process_index * per, (process_index + 1) * per  # in the global batch

@@ -13,8 +13,8 @@ Resumable and split between processes:
    range of whole `tokens_done` chunks (64 row chunks each, one shard file of the token
    arrays), copies the staged rows there and marks them; then the staging area is deleted.
 So the rows are the same for any process count, a killed run redoes at most one piece per
-process plus unmarked chunks, and memory is one text batch and one part whatever the
-dataset's size. With `max_rows` a process stops once the pieces before its next one cover it.
+process plus unmarked chunks, and memory is one text batch and one part (or one shard of
+the token arrays, when that is larger) whatever the dataset's size. With `max_rows` a process stops once the pieces before its next one cover it.
 
 Odd documents follow rules and are counted in tokens.json `stats` (never dropped silently):
 documents with no tokens are skipped (`empty_docs`), empty files too (`empty_files`); a
@@ -24,7 +24,6 @@ build with one line naming the file and line.
 """
 from __future__ import annotations
 
-import json
 import queue
 import threading
 
@@ -221,7 +220,8 @@ def stage_piece(path: str, g: int, piece, spec: DataSpec, tok, sink) -> dict:
   for ids in in_thread(id_batches(piece, spec, tok.backend_tokenizer)):
     blocks.append(packer.add(ids))
     rows += len(blocks[-1][0])
-    if sum(len(t) for t, _ in blocks) * spec.seq_len >= PART_TOKENS:
+    held = sum(len(t) for t, _ in blocks)
+    if held * spec.seq_len >= PART_TOKENS and sink.ready(held):
       flush(last=False)
   blocks.append(packer.finish())
   rows += len(blocks[-1][0])
@@ -287,8 +287,7 @@ def piece_table(path, n_pieces: int, max_rows: int):
   for g in range(n_pieces):
     if max_rows and total >= max_rows:
       break
-    got = reads[g].result()
-    r = json.loads(got.value) if got.state == "value" else None
+    r = cache.metadata_result(path, f"{STAGING}{g:08d}.json", reads[g].result)
     if r is None:
       raise UserError(f"cache {path}: piece {g} of the tokens phase is missing after all "
                       "processes finished (was the cache written by another run?)")
@@ -447,18 +446,21 @@ def _precheck(spec: DataSpec, plist):
 ROW_BOUND = 2**40
 
 
-def _open(path, meta, rows=ROW_BOUND, create=False):
-  return cache.open_arrays(path, meta, create=create, context=cache.ONCE,
-                           layout=cache.token_layout(rows, meta["seq_len"],
-                                                     meta["rows_per_chunk"]))
+def _open(path, meta):
+  return cache.open_arrays(path, meta, context=cache.ONCE, layout=cache.token_layout(
+      ROW_BOUND, meta["seq_len"], meta["rows_per_chunk"]))
 
 
 def _unsized_arrays(path, meta):
-  """Process 0: the final arrays at ROW_BOUND rows, unless a killed run made them."""
-  try:
-    _open(path, meta)
-  except UserError:
-    _open(path, meta, create=True)
+  """Process 0: the final arrays at ROW_BOUND rows; those a killed run made (perhaps not all
+  of them, perhaps already cut to the row count) are kept."""
+  layout = cache.token_layout(ROW_BOUND, meta["seq_len"], meta["rows_per_chunk"])
+  for name in layout:
+    try:
+      cache.open_arrays(path, meta, names=[name], layout=layout, context=cache.ONCE)
+    except UserError:
+      cache.open_arrays(path, meta, create=True, names=[name], layout=layout,
+                        context=cache.ONCE)
 
 
 def build(spec: DataSpec, path: str, tok, *, rows_per_chunk: int, codec: str,

@@ -82,7 +82,7 @@ class Logger:
 def read_lanes(configured: int, stored: int | None, process_count: int) -> int:
   """The run's read lanes (the batch order depends on them): the config's, else those its
   checkpoints were made with, else the process count of its first start."""
-  if configured and stored and configured != stored:
+  if configured and stored and configured != stored and jax.process_index() == 0:
     print(f"cache.read_lanes={configured}: the checkpoints were made with {stored} lanes, "
           "so the batch order changes from here")
   return configured or stored or process_count
