@@ -2,10 +2,9 @@
 and a rerun gives files bit-identical to an uninterrupted run; a 2-process export equals a
 1-process one.
 
-The kill lands at a known point: MOEDISTILL_PAUSE_AT_SHARD=k makes save_model print
-`wrote shard NAME` after each shard file and stop after the k-th, so the test kills there and
+The kill lands at a known point: the command runs under a launcher that makes each finished
+shard file print `wrote shard NAME` and stops after the k-th, so the test kills there and
 first checks that the aside directory really holds k shards and nothing else finished."""
-import os
 import signal
 import subprocess
 import sys
@@ -20,11 +19,28 @@ def snapshot(d):
   return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+# Runs `python -m MODULE ARGS` with safetensors_io.StreamWriter.close (a shard file done)
+# printing the shard's name and, after the k-th, sleeping until the test kills it.
+PAUSED = """
+import os, runpy, sys, time
+from moedistill.hub import safetensors_io as st
+k, done, close = int(sys.argv[1]), [], st.StreamWriter.close
+def paused(self):
+  close(self)
+  done.append(os.path.basename(self.path))
+  print("wrote shard", done[-1], flush=True)
+  if len(done) == k:
+    time.sleep(600)
+st.StreamWriter.close = paused
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def kill_after_shard(args, k):
   """Starts `python -m args` and returns once it stopped after its k-th shard file."""
-  env = dict(os.environ, MOEDISTILL_PAUSE_AT_SHARD=str(k))
-  p = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
-                       stderr=subprocess.DEVNULL, text=True, env=env)
+  p = subprocess.Popen([sys.executable, "-c", PAUSED, str(k), *args], stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, text=True)
   seen = []
   while len(seen) < k:
     line = p.stdout.readline()

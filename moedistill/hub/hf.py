@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -265,18 +264,7 @@ def _write_shards(arrays, table, out_dir, dtype, max_shard_bytes, writing) -> di
       weight_map[e.hf_key] = name
     if writing:
       w.close()
-      _pause_hook(names, name)
   return weight_map
-
-
-def _pause_hook(names, name):
-  """Test hook: with MOEDISTILL_PAUSE_AT_SHARD=k, print `wrote shard NAME` after each shard
-  file and stop for 10 min after the k-th, so a kill test lands mid-export at a known point."""
-  k = int(os.environ.get("MOEDISTILL_PAUSE_AT_SHARD", "0") or 0)
-  if k:
-    print(f"wrote shard {name}", flush=True)
-    if names.index(name) + 1 == k:
-      time.sleep(600)
 
 
 def save_model(model, path, *, merged: bool = False, max_shard_bytes: int = 5 * 2**30,
