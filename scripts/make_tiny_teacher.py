@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from moedistill.data import corpus
-from moedistill.data.tokens import pack
+from moedistill.data.packing import pack
 from moedistill.hub import hf
 from moedistill.model.config import ModelConfig
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM

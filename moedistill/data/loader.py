@@ -41,12 +41,15 @@ class Order:
     self.chunks = np.arange(lane, -(-rows // rows_per_chunk), lanes)
     self.rows = int(np.minimum(self.R, rows - self.chunks * self.R).sum())
     self.key = [seed] if lanes == 1 else [seed, lanes, lane]
+    # Caches per lane: a method's lru_cache is shared by every instance, so a process reading
+    # several lanes would evict one lane's epoch permutation (all its chunks) for another's.
+    self.epoch = functools.lru_cache(maxsize=4)(self._epoch)
+    self.window_perm = functools.lru_cache(maxsize=8)(self._window_perm)
 
   def chunk_rows(self, c) -> np.ndarray:
     return np.arange(c * self.R, min(c * self.R + self.R, self.total))
 
-  @functools.lru_cache(maxsize=4)
-  def epoch(self, e: int):
+  def _epoch(self, e: int):
     """(chunk permutation, row offset of each window in the epoch)."""
     perm = self.chunks[np.random.default_rng(self.key + [e]).permutation(len(self.chunks))]
     sizes = np.minimum(self.R, self.total - perm * self.R)
@@ -56,8 +59,7 @@ class Order:
   def window_chunks(self, e: int, w: int) -> np.ndarray:
     return self.epoch(e)[0][w * self.W:(w + 1) * self.W]
 
-  @functools.lru_cache(maxsize=8)
-  def window_perm(self, e: int, w: int) -> np.ndarray:
+  def _window_perm(self, e: int, w: int) -> np.ndarray:
     n = int(sum(len(self.chunk_rows(c)) for c in self.window_chunks(e, w)))
     return np.random.default_rng(self.key + [e, w]).permutation(n)
 

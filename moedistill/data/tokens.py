@@ -14,7 +14,8 @@ Resumable and split between processes:
    arrays), copies the staged rows there and marks them; then the staging area is deleted.
 So the rows are the same for any process count, a killed run redoes at most one piece per
 process plus unmarked chunks, and memory is one text batch and one part (or one shard of
-the token arrays, when that is larger) whatever the dataset's size. With `max_rows` a process stops once the pieces before its next one cover it.
+the token arrays, when that is larger) whatever the dataset's size. With `max_rows` a
+process stops once the pieces before its next one cover it.
 
 Odd documents follow rules and are counted in tokens.json `stats` (never dropped silently):
 documents with no tokens are skipped (`empty_docs`), empty files too (`empty_files`); a
@@ -24,21 +25,19 @@ build with one line naming the file and line.
 """
 from __future__ import annotations
 
-import queue
-import threading
-
 import numpy as np
 import tensorstore as ts
 from tqdm import tqdm
 
 from moedistill.data import cache, sources
+from moedistill.data.packing import Packer, id_batches, in_thread
+from moedistill.data.piece_rows import (STAGING, Direct, PieceRows, Records, Staged,
+                                         record_name, wait_all)
 from moedistill.data.sources import DataSpec
 from moedistill.errors import ConfigError, UserError
 
 FORMAT = "moedistill-tokens-v1"
 META = "tokens.json"
-STAGING = "staging/"
-BATCH_CHARS = 4 * 2**20   # text per encode_batch call
 PART_TOKENS = 2**21       # tokens per staged part (16 MiB with its segment ids)
 IGNORED = ("complete", "stats", "rows", "files", "pieces")  # not settings: outcomes or stats
 
@@ -46,161 +45,6 @@ IGNORED = ("complete", "stats", "rows", "files", "pieces")  # not settings: outc
 def _barrier(name: str):
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices(name)
-
-
-def encode(backend, texts: list[str]) -> list[list[int]]:
-  return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-
-
-class Packer:
-  """Documents -> rows of `seq_len` (each document + EOS, back to back); segment ids number
-  the documents of a row 1, 2, ... (0 = padding), so a row alone is self-describing."""
-
-  def __init__(self, seq_len: int, eos: int, pad: int):
-    self.L, self.eos, self.pad = seq_len, eos, pad
-    # The carry (less than a row): its tokens, and 1 where a document starts.
-    self.tok, self.start = np.zeros(0, np.int32), np.zeros(0, np.int8)
-    self.stats = {"docs": 0, "empty_docs": 0, "long_docs": 0, "tokens": 0}
-
-  def add(self, ids: list[list[int]]):
-    lens = np.fromiter(map(len, ids), np.int64, len(ids))
-    if not lens.all():
-      self.stats["empty_docs"] += int((lens == 0).sum())
-      ids, lens = [x for x in ids if x], lens[lens > 0]
-    self.stats["docs"] += len(ids)
-    self.stats["long_docs"] += int((lens + 1 > self.L).sum())
-    c = len(self.tok)
-    ends = c + np.cumsum(lens + 1)
-    starts = ends - lens - 1
-    n = int(ends[-1]) if len(ends) else c
-    self.stats["tokens"] += n - c
-    flat, start = np.empty(n, np.int32), np.zeros(n, np.int8)
-    flat[:c], start[:c] = self.tok, self.start
-    for s, x in zip(starts.tolist(), ids):  # a list into a slice: converted in C
-      flat[s:s + len(x)] = x
-    flat[ends - 1] = self.eos
-    start[starts] = 1
-    m = n // self.L
-    tok, first = flat[:m * self.L].reshape(m, self.L), start[:m * self.L].reshape(m, self.L)
-    self.tok, self.start = flat[m * self.L:], start[m * self.L:]
-    return tok, self._segments(first)
-
-  @staticmethod
-  def _segments(start):
-    """Segment ids of rows [m, L] from their document-start flags: a row counts from 1."""
-    start[:, 0] = 0
-    seg = np.cumsum(start, axis=1, dtype=np.int32)
-    seg += 1
-    return seg
-
-  def finish(self):
-    n = len(self.tok)
-    tok, seg = np.full((1, self.L), self.pad, np.int32), np.zeros((1, self.L), np.int32)
-    if not n:
-      return tok[:0], seg[:0]
-    tok[0, :n], seg[0, :n] = self.tok, self._segments(self.start[None])[0]
-    return tok, seg
-
-
-def pack(ids: list[list[int]], seq_len: int, eos: int, pad: int):
-  """All documents packed at once: (tokens [n, seq_len], segment ids [n, seq_len])."""
-  packer = Packer(seq_len, eos, pad)
-  (t, s), (t2, s2) = packer.add(ids), packer.finish()
-  return np.concatenate([t, t2]), np.concatenate([s, s2])
-
-
-def in_thread(gen, depth: int = 2):
-  """Runs generator `gen` in a thread `depth` items ahead (exceptions re-raised here)."""
-  q, end = queue.Queue(depth), object()
-
-  def work():
-    try:
-      for x in gen:
-        q.put(x)
-      q.put(end)
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer
-      q.put(e)
-  threading.Thread(target=work, daemon=True).start()
-  while (x := q.get()) is not end:
-    if isinstance(x, BaseException):
-      raise x
-    yield x
-
-
-def text_batches(piece, spec: DataSpec):
-  batch, chars = [], 0
-  for t in sources.docs(piece, spec):
-    batch.append(t)
-    chars += len(t)
-    if chars >= BATCH_CHARS:
-      yield batch
-      batch, chars = [], 0
-  if batch:
-    yield batch
-
-
-def id_batches(piece, spec: DataSpec, backend):
-  """Token ids of the piece's text batches; run in a thread, batch n+1 is encoded (Rust, GIL
-  released) while batch n is packed and written, and a second thread parses batch n+2."""
-  for texts in in_thread(text_batches(piece, spec)):
-    yield encode(backend, texts)
-
-
-def _part_spec(path, g: int, j: int, shape):
-  return {"driver": "zarr3", "kvstore": cache.kvstore_spec(path, f"{STAGING}{g:08d}/{j:05d}/"),
-          "metadata": {"shape": list(shape), "data_type": "int32",
-                       "chunk_grid": {"name": "regular", "configuration": {
-                           "chunk_shape": list(shape)}},
-                       "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                                  {"name": "zstd", "configuration": {"level": 1}}]}}
-
-
-class Staged:
-  """Piece g's rows as staged parts, for when its offset is not known yet."""
-
-  def __init__(self, path, g):
-    self.path, self.g, self.parts = path, g, []
-
-  def ready(self, m: int) -> int:
-    return m
-
-  def write(self, tok, seg) -> list:
-    rows = np.stack([tok, seg], axis=1)  # [m, 2, L]
-    arr = ts.open(_part_spec(self.path, self.g, len(self.parts), rows.shape), create=True,
-                  delete_existing=True, context=cache.ONCE).result()
-    self.parts.append(len(rows))
-    return [arr.write(rows)]
-
-  def record(self) -> dict:
-    return {"parts": self.parts}
-
-
-class Direct:
-  """Piece rows written straight to the final arrays from row `at` (no staging, no assembly
-  pass); rows from `limit` on (`max_rows`) are not written. Writes end on shard boundaries
-  (`align` rows), so no shard is written twice, but for the one shared with the next piece."""
-
-  def __init__(self, arrays, at: int, limit: int, align: int):
-    self.arrays, self.at0, self.at, self.limit, self.align = arrays, at, at, limit, align
-
-  def ready(self, m: int) -> int:
-    return max(0, m - (self.at + m) % self.align)
-
-  def write(self, tok, seg) -> list:
-    lo, self.at = self.at, self.at + len(tok)
-    n = max(0, min(self.at, self.limit) - lo)
-    if n == 0:
-      return []
-    return [self.arrays["tokens"][lo:lo + n].write(tok[:n]),
-            self.arrays["segment_ids"][lo:lo + n].write(seg[:n])]
-
-  def record(self) -> dict:
-    return {"at": self.at0}
-
-
-def _wait(futures):
-  for f in futures:
-    f.result()
 
 
 def stage_piece(path: str, g: int, piece, spec: DataSpec, tok, sink) -> dict:
@@ -214,7 +58,7 @@ def stage_piece(path: str, g: int, piece, spec: DataSpec, tok, sink) -> dict:
     nonlocal blocks, pending
     t, s = (np.concatenate([b[i] for b in blocks]) for i in (0, 1))
     k = len(t) if last else sink.ready(len(t))
-    _wait(pending)  # one write in flight: memory stays bounded
+    wait_all(pending)  # one write in flight: memory stays bounded
     pending, blocks = sink.write(t[:k], s[:k]), [(t[k:], s[k:])]
 
   for ids in in_thread(id_batches(piece, spec, tok.backend_tokenizer)):
@@ -227,38 +71,10 @@ def stage_piece(path: str, g: int, piece, spec: DataSpec, tok, sink) -> dict:
   rows += len(blocks[-1][0])
   if sum(len(t) for t, _ in blocks):
     flush(last=True)
-  _wait(pending)
+  wait_all(pending)
   record = {"rows": rows, **sink.record(), "stats": packer.stats}
-  cache.write_metadata(path, record, f"{STAGING}{g:08d}.json")
+  cache.write_metadata(path, record, record_name(g))
   return record
-
-
-class Records:
-  """The pieces' records, read once each; row offsets as prefix sums."""
-
-  def __init__(self, path):
-    self.path, self.known, self.sums = path, {}, [0]  # sums[i]: rows of pieces 0..i-1
-
-  def get(self, g: int) -> dict | None:
-    if g not in self.known:
-      r = cache.read_metadata(self.path, f"{STAGING}{g:08d}.json")
-      if r is None:
-        return None
-      self.known[g] = r
-    return self.known[g]
-
-  def put(self, g: int, record: dict):
-    self.known[g] = record
-
-  def offset(self, g: int, cap: int = 0) -> int | None:
-    """Rows of pieces 0..g-1 when all are recorded, else None; with `cap`, counting stops
-    once it reaches cap (so later pieces need no record)."""
-    while len(self.sums) <= g and (not cap or self.sums[-1] < cap):
-      r = self.get(len(self.sums) - 1)
-      if r is None:
-        return None
-      self.sums.append(self.sums[-1] + r["rows"])
-    return self.sums[min(g, len(self.sums) - 1)]
 
 
 def stage_mine(path, spec: DataSpec, plist, tok, arrays, rows_per_chunk, p: int, P: int,
@@ -282,12 +98,12 @@ def stage_mine(path, spec: DataSpec, plist, tok, arrays, rows_per_chunk, p: int,
 def piece_table(path, n_pieces: int, max_rows: int):
   """(records, stats summed) over the prefix of pieces the rows come from."""
   kv = cache.kvstore(path)  # all records read at once: one round trip, not one per piece
-  reads = [kv.read(f"{STAGING}{g:08d}.json") for g in range(n_pieces)]
+  reads = [kv.read(record_name(g)) for g in range(n_pieces)]
   recs, stats, total = [], {}, 0
   for g in range(n_pieces):
     if max_rows and total >= max_rows:
       break
-    r = cache.metadata_result(path, f"{STAGING}{g:08d}.json", reads[g].result)
+    r = cache.metadata_result(path, record_name(g), reads[g].result)
     if r is None:
       raise UserError(f"cache {path}: piece {g} of the tokens phase is missing after all "
                       "processes finished (was the cache written by another run?)")
@@ -296,44 +112,6 @@ def piece_table(path, n_pieces: int, max_rows: int):
     for k, v in r["stats"].items():
       stats[k] = stats.get(k, 0) + v
   return recs, stats
-
-
-class _Rows:
-  """Rows by global row range: staged parts (the last decoded one kept) or, for pieces
-  written directly, the final arrays."""
-
-  def __init__(self, path, records, arrays):
-    self.path, self.records, self.arrays, self.last = path, records, arrays, (None, None)
-    self.offsets = np.concatenate([[0], np.cumsum([r["rows"] for r in records])]).astype(
-        np.int64)
-
-  def _part(self, g, j):
-    if self.last[0] != (g, j):
-      arr = ts.open({"driver": "zarr3", "kvstore": cache.kvstore_spec(
-          self.path, f"{STAGING}{g:08d}/{j:05d}/")}, context=cache.ONCE).result()
-      self.last = ((g, j), arr.read().result())
-    return self.last[1]
-
-  def pieces(self, lo: int, hi: int) -> range:
-    return range(int(np.searchsorted(self.offsets, lo, side="right")) - 1,
-                 int(np.searchsorted(self.offsets, hi, side="left")))
-
-  def rows(self, lo: int, hi: int) -> np.ndarray:
-    out = []
-    while lo < hi:
-      g = self.pieces(lo, hi)[0]
-      local = lo - self.offsets[g]
-      if "at" in self.records[g]:
-        take = min(hi, self.offsets[g + 1]) - lo
-        out.append(np.stack([self.arrays[n][lo:lo + take].read().result()
-                             for n in ("tokens", "segment_ids")], axis=1))
-      else:
-        starts = np.cumsum([0, *self.records[g]["parts"]])
-        j = int(np.searchsorted(starts, local, side="right")) - 1
-        take = min(hi - lo, starts[j + 1] - local)
-        out.append(self._part(g, j)[local - starts[j]: local - starts[j] + take])
-      lo += take
-    return np.concatenate(out)
 
 
 def _mark_batches(done: np.ndarray, per: int, p: int, P: int):
@@ -355,7 +133,7 @@ def assemble_mine(path, meta: dict, records, p: int, P: int):
                              context=cache.ONCE)
   marks = arrays["tokens_done"]
   done = marks.read().result()
-  src = _Rows(path, records, arrays)
+  src = PieceRows(path, records, arrays)
   pending, marking = None, []
   for lo, hi in _mark_batches(done, marks.chunk_layout.write_chunk.shape[0], p, P):
     sl = slice(lo * R, min(hi * R, n))
@@ -374,7 +152,7 @@ def assemble_mine(path, meta: dict, records, p: int, P: int):
 
 
 def _mark(marks, writes, lo, hi):
-  _wait(writes)
+  wait_all(writes)
   return marks[lo:hi].write(np.ones(hi - lo, np.uint8))
 
 

@@ -1,2 +1,3 @@
 """The distillation machinery: loss, fused vocab statistics, regex groups and optimizer, the
-jitted step, the stage loop, checkpoints, the batched sweep and the sweep report."""
+jitted step, the stage loop, checkpoints, held-out metrics, the batched sweep and the sweep
+report."""

@@ -76,11 +76,8 @@ class BatchedTrainer(Trainer):
                      for j, name in enumerate(self.names)}
     return row
 
-  def point_params(self, stacked: dict, j: int) -> dict:
-    return {k: v[j] for k, v in stacked.items()}
-
   def point_model(self, stacked: dict, j: int):
-    return P.merge(self.graphdef, self.template, self.point_params(stacked, j))
+    return P.merge(self.graphdef, self.template, {k: v[j] for k, v in stacked.items()})
 
 
 def split_metrics(group_dir: Path, name: str, point_dir: Path):
