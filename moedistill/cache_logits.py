@@ -184,15 +184,7 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None, tea
   arrays = cache.open_arrays(path, meta)
   mesh = mesh or sharding.make_mesh(job.mesh)
   if teacher is None:
-    teacher, _ = hf.load_model(job.teacher, dtype=job.model.dtype,
-                               param_dtype=job.model.param_dtype,
-                               moe_backend=job.model.moe_backend,
-                               capacity_factor=job.model.capacity_factor,
-                               attention=job.model.attention,
-                               attention_block=job.model.attention_block,
-                               scan_layers=job.model.scan_layers,
-                               ep_capacity_factor=job.model.ep_capacity_factor,
-                               put=sharding.sharded_put(mesh))
+    teacher, _ = hf.load_model(job.teacher, job.model, put=sharding.sharded_put(mesh))
   fwd = make_forward(teacher, mesh, job)
   stats = _write_pending(job, meta, arrays, fwd, mesh, path, progress and p == 0)
   multihost_utils.sync_global_devices(f"cache {path} written")

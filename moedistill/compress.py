@@ -21,6 +21,7 @@ from moedistill import sharding
 from moedistill.cli import load_job, pick, run
 from moedistill.errors import ConfigError
 from moedistill.hub import hf
+from moedistill.model.layers import Runtime
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.model.shared_core import PROJS, Compression, merged_experts
 
@@ -170,8 +171,8 @@ def main(argv):
     cache = pick(F.cache, "cache", job and job.cache_path("train"))
   # Every process takes part: the teacher is read into its shardings and compressed there.
   mesh = sharding.make_mesh(job.mesh if job else sharding.MeshConfig())
-  teacher, _ = hf.load_model(teacher_dir, put=sharding.sharded_put(mesh),
-                             **({"param_dtype": job.model.param_dtype} if job else {}))
+  rt = Runtime(param_dtype=job.model.param_dtype) if job else Runtime()
+  teacher, _ = hf.load_model(teacher_dir, rt, put=sharding.sharded_put(mesh))
   freq = None
   if cache is not None:
     from moedistill.data.cache import CacheReader

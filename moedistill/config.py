@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from moedistill.data.sources import DataSpec
 from moedistill.errors import ConfigError
 from moedistill.model import attention
-from moedistill.model.layers import REMAT_POLICIES
+from moedistill.model.layers import REMAT_POLICIES, Runtime
 from moedistill.model.moe import BACKENDS
 from moedistill.sharding import MeshConfig
 
@@ -61,8 +61,8 @@ def _bool(value, field):
   return value
 
 
-def _attention(m):
-  impl = _choice(m.attention, attention.IMPLS, "model.attention")
+def _attention(value):
+  impl = _choice(value, attention.IMPLS, "model.attention")
   # cuDNN attention cannot even be lowered elsewhere: refuse before any weights are loaded.
   _check(impl != "cudnn" or attention.nvidia_gpu(), "config.model.attention='cudnn': needs an "
          "NVIDIA GPU (compute capability >= 8.0), none found; expected auto, blocked or plain")
@@ -91,19 +91,6 @@ class CacheConfig:
   shuffle_chunks: int = 8  # training reads: chunks whose rows are shuffled together
   prefetch: int = 4        # training reads: batches read ahead
   read_lanes: int = 0      # training reads: lanes of chunks (0: the process count, kept)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRuntimeConfig:
-  dtype: jnp.dtype
-  param_dtype: jnp.dtype
-  moe_backend: str
-  capacity_factor: float
-  remat: str             # a layers.REMAT_POLICIES key: none | full | dots
-  attention: str         # auto | plain | blocked | cudnn (moedistill.model.attention)
-  attention_block: int   # query/key block of blocked attention; auto blocks longer rows
-  scan_layers: bool = False  # lax.scan over the decoder layers (param paths unchanged)
-  ep_capacity_factor: float = 0.0  # expert-parallel buffers, dropless backends (0: never drop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +140,7 @@ class Job:
   train_data: DataSpec
   eval_data: DataSpec
   cache: CacheConfig
-  model: ModelRuntimeConfig
+  model: Runtime  # how to compute, passed whole to hf.load_model
   mesh: MeshConfig
   student_init: str
   ranks: tuple[int, int, int]
@@ -247,35 +234,63 @@ def _train(c) -> TrainConfig:
                      stages=stages, k=k, restart_from=t.get("restart_from") or "")
 
 
-def _ep_capacity_factor(m) -> float:
-  f = float(m.get("ep_capacity_factor", 0.0) or 0.0)
+def _ep_capacity_factor(value) -> float:
+  _check(_number(value), f"config.model.ep_capacity_factor={value!r}: expected a number")
+  f = float(value)
   _check(f == 0 or f >= 1, f"config.model.ep_capacity_factor={f}: expected 0 (dropless) or "
          ">= 1 (buffers of that many even shares; below 1 copies drop even when routing is even)")
   return f
 
 
+# One checker per Runtime field that needs more than its type; a field without one is checked
+# against its default's type. A config without the field gets the Runtime default.
+_RUNTIME_CHECKS = {
+    "dtype": lambda v: _dtype(v, "model.dtype"),
+    "param_dtype": lambda v: _dtype(v, "model.param_dtype"),
+    "moe_backend": lambda v: _choice(v, ("auto", *BACKENDS), "model.moe_backend"),
+    "remat": lambda v: _choice(v, REMAT_POLICIES, "model.remat"),
+    "attention": lambda v: _attention(v),
+    "attention_block": lambda v: _positive(v, "model.attention_block"),
+    "ep_capacity_factor": lambda v: _ep_capacity_factor(v),
+}
+
+
+def _typed(value, default, field):
+  if isinstance(default, bool):
+    return _bool(value, field)
+  if isinstance(default, float):
+    _check(_number(value), f"config.{field}={value!r}: expected a number")
+    return float(value)
+  if isinstance(default, int):
+    return _positive(value, field)
+  _check(isinstance(value, type(default)), f"config.{field}={value!r}: expected a "
+         f"{type(default).__name__}")
+  return value
+
+
+def _runtime(m) -> Runtime:
+  values = {}
+  for f in dataclasses.fields(Runtime):
+    if f.name in m:
+      check = _RUNTIME_CHECKS.get(f.name)
+      values[f.name] = check(m[f.name]) if check else _typed(m[f.name], f.default,
+                                                             f"model.{f.name}")
+  unknown = sorted(set(m.keys()) - {f.name for f in dataclasses.fields(Runtime)})
+  _check(not unknown, f"config.model.{unknown[0] if unknown else ''}: unknown field; expected "
+         f"one of {[f.name for f in dataclasses.fields(Runtime)]}")
+  return Runtime(**values)
+
+
 def job_from_config(c) -> Job:
   teacher = os.path.expanduser(c.teacher)
   tokenizer = c.data.tokenizer or teacher
-  m = c.model
   st = c.student
   ranks = tuple(int(st.get(f"rank_{p}") or st.rank) for p in ("gate", "up", "down"))
   return Job(
       workdir=c.workdir, seed=c.seed, teacher=teacher,
       train_data=_data(c, c.data.train, tokenizer, "train"),
       eval_data=_data(c, c.data.eval, tokenizer, "eval"), cache=_cache(c),
-      model=ModelRuntimeConfig(dtype=_dtype(m.dtype, "model.dtype"),
-                               param_dtype=_dtype(m.param_dtype, "model.param_dtype"),
-                               moe_backend=_choice(m.moe_backend, ("auto", *BACKENDS),
-                                                   "model.moe_backend"),
-                               capacity_factor=m.capacity_factor,
-                               remat=_choice(m.remat, REMAT_POLICIES, "model.remat"),
-                               attention=_attention(m),
-                               attention_block=_positive(m.attention_block,
-                                                         "model.attention_block"),
-                               scan_layers=_bool(m.get("scan_layers", False),
-                                                 "model.scan_layers"),
-                               ep_capacity_factor=_ep_capacity_factor(m)),
+      model=_runtime(c.model),
       mesh=MeshConfig(**{a: c.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}),
       student_init=st.init_from or str(Path(c.workdir, "student_init")), ranks=ranks,
       train=_train(c))

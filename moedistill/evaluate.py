@@ -17,6 +17,7 @@ from moedistill import sharding
 from moedistill.cli import load_job, pick, run
 from moedistill.data.cache import CacheReader
 from moedistill.hub import hf
+from moedistill.model.layers import Runtime
 from moedistill.training.held_out import evaluate_model
 
 
@@ -34,12 +35,10 @@ def main(argv):
   job, F = load_job(argv, required=False)
   checkpoint = pick(F.checkpoint, "checkpoint", job and str(Path(job.workdir, "export")))
   cache = pick(F.cache, "cache", job and job.cache_path("eval"))
-  m = job and job.model  # the config's compute settings, as train's report uses
   mesh = sharding.make_mesh(job.mesh if job else sharding.MeshConfig())
-  kw = {} if m is None else dict(dtype=m.dtype, param_dtype=m.param_dtype,
-                                 moe_backend=m.moe_backend, attention=m.attention,
-                                 attention_block=m.attention_block)
-  model, _ = hf.load_model(checkpoint, put=sharding.sharded_put(mesh), **kw)
+  # The config's compute settings, as train's report uses.
+  model, _ = hf.load_model(checkpoint, job.model if job else Runtime(),
+                           put=sharding.sharded_put(mesh))
   out = evaluate_model(model, CacheReader(cache), temperature=F.temperature,
                        batch_size=F.batch_size, max_rows=F.max_rows, mesh=mesh)
   if jax.process_index() == 0:

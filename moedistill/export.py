@@ -23,6 +23,7 @@ from moedistill import sharding
 from moedistill.cli import load_job, pick, run
 from moedistill.errors import ConfigError
 from moedistill.hub import hf
+from moedistill.model.layers import Runtime
 
 FORMATS = ("merged", "native")
 
@@ -50,7 +51,7 @@ def export(checkpoint, out, *, fmt: str = "merged", overwrite: bool = False, dty
     raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it")
   stored = hf.checkpoint_dtype(checkpoint)
   put = sharding.sharded_put(mesh) if mesh is not None else None
-  model, _ = hf.load_model(checkpoint, param_dtype=stored, put=put)
+  model, _ = hf.load_model(checkpoint, Runtime(param_dtype=stored), put=put)
   return hf.save_model(model, out, merged=fmt == "merged", max_shard_bytes=max_shard_bytes,
                        dtype=dtype or stored, tokenizer_from=tokenizer_from or checkpoint)
 

@@ -139,12 +139,7 @@ def device_bytes(tree) -> int:
 
 def runtime(job: Job) -> Runtime:
   """The Runtime `hf.load_model` builds from the job's model settings."""
-  m = job.model
-  return Runtime(dtype=m.dtype, param_dtype=m.param_dtype,
-                 moe_backend=moe.resolve_backend(m.moe_backend),
-                 capacity_factor=m.capacity_factor, remat=m.remat, attention=m.attention,
-                 attention_block=m.attention_block, scan_layers=m.scan_layers,
-                 ep_capacity_factor=m.ep_capacity_factor)
+  return moe.resolve_runtime(job.model)
 
 
 def abstract_model(cfg: ModelConfig, rt: Runtime, comp: Compression | None, mesh):

@@ -24,10 +24,7 @@ def evaluate_path(job: Job, path, reader: CacheReader, mesh=None) -> dict:
   the config's) and evaluated there: every process must call this."""
   mesh = mesh or sharding.make_mesh(job.mesh)
   temperature = 1.0 if reader.temperature_index(1.0) is not None else reader.meta["temperatures"][0]
-  model, _ = hf.load_model(path, dtype=job.model.dtype, param_dtype=job.model.param_dtype,
-                           moe_backend=job.model.moe_backend, attention=job.model.attention,
-                           attention_block=job.model.attention_block,
-                           scan_layers=job.model.scan_layers, put=sharding.sharded_put(mesh))
+  model, _ = hf.load_model(path, job.model, put=sharding.sharded_put(mesh))
   return evaluate_model(model, reader, temperature=temperature, mesh=mesh)
 
 

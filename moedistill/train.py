@@ -27,12 +27,7 @@ from moedistill.training.trainer import Preempted, Trainer
 
 
 def load(job: Job, path, mesh):
-  m = job.model
-  return hf.load_model(path, dtype=m.dtype, param_dtype=m.param_dtype,
-                       moe_backend=m.moe_backend, capacity_factor=m.capacity_factor,
-                       remat=m.remat, attention=m.attention, attention_block=m.attention_block,
-                       scan_layers=m.scan_layers, ep_capacity_factor=m.ep_capacity_factor,
-                       put=sharding.sharded_put(mesh))[0]
+  return hf.load_model(path, job.model, put=sharding.sharded_put(mesh))[0]
 
 
 def ensure_caches(job: Job, mesh):

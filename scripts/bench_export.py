@@ -31,6 +31,7 @@ import json, sys, time
 import jax.numpy as jnp
 import moedistill
 from moedistill.hub import hf, safetensors_io as st
+from moedistill.model.layers import Runtime
 ckpt, out, mode, shard = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 if mode == "library":
   class Buffered:  # the library's save_file: every tensor of the shard, then one write
@@ -43,7 +44,7 @@ if mode == "library":
   st.StreamWriter = Buffered
 def status(field):
   return int(dict(l.split(":", 1) for l in open("/proc/self/status"))[field].split()[0]) * 1024
-model, _ = hf.load_model(ckpt, param_dtype=jnp.bfloat16)
+model, _ = hf.load_model(ckpt, Runtime(param_dtype=jnp.bfloat16))
 open("/proc/self/clear_refs", "w").write("5")
 before = status("VmRSS")
 t0 = time.perf_counter()

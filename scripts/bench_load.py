@@ -33,13 +33,15 @@ jax.distributed.initialize(f"127.0.0.1:{port}", int(n), int(i))
 import moedistill
 from moedistill import sharding
 from moedistill.hub import hf
+from moedistill.model.layers import Runtime
 mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=int(n)))
 def status(field):
   return int(dict(l.split(":", 1) for l in open("/proc/self/status"))[field].split()[0]) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # peak RSS restarts here: start-up is not counted
 before = status("VmRSS")
 t0 = time.perf_counter()
-model, _ = hf.load_model(path, param_dtype=jnp.bfloat16, put=sharding.sharded_put(mesh))
+model, _ = hf.load_model(path, Runtime(param_dtype=jnp.bfloat16),
+                         put=sharding.sharded_put(mesh))
 held = sum(s.data.nbytes for v in hf.state_arrays(model).values() for s in v.addressable_shards)
 print(json.dumps({"load_s": time.perf_counter() - t0, "device_bytes": held, "before": before,
                   "peak": status("VmHWM"),

@@ -8,6 +8,7 @@ import pytest
 from conftest import make_hf_checkpoint, torch_logits
 from moedistill.errors import ConfigError
 from moedistill.hub import hf
+from moedistill.model.layers import Runtime
 from moedistill.model import attention as A
 
 
@@ -122,7 +123,7 @@ def test_model_with_blocked_attention_matches_transformers(tmp_path):
   """Packed documents through blocked attention (block 4: rows cross several blocks) give
   the logits transformers gives each document alone."""
   ref_model = make_hf_checkpoint(tmp_path)
-  model, cfg = hf.load_model(tmp_path, attention="blocked", attention_block=4)
+  model, cfg = hf.load_model(tmp_path, Runtime(attention="blocked", attention_block=4))
   r = np.random.RandomState(4)
   docs = [r.randint(0, cfg.vocab_size, (1, n)) for n in (9, 6, 2)]
   tokens = np.concatenate(docs, axis=1)

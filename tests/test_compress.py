@@ -13,6 +13,7 @@ from conftest import torch_logits
 from moedistill import compress, export
 from moedistill.errors import ConfigError
 from moedistill.hub import hf
+from moedistill.model.layers import Runtime
 from moedistill.model import ModelConfig, qwen3_30b_a3b
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.model.shared_core import Compression
@@ -42,14 +43,15 @@ def test_full_rank_reproduces_teacher_and_error_falls_with_rank(hf_tiny):
 def test_compressed_forward_equals_merged_and_transformers(tmp_path, hf_tiny, backend):
   from transformers import AutoModelForCausalLM
   path, _ = hf_tiny
-  teacher, cfg = hf.load_model(path, moe_backend=backend, capacity_factor=16.0)
+  teacher, cfg = hf.load_model(path, Runtime(moe_backend=backend, capacity_factor=16.0))
   student, _ = compress.compress_model(teacher, Compression(3, 5, 2))
   # Train-like perturbation so the wrappers are not just an SVD of the teacher.
   for p, v in nnx.to_flat_state(nnx.state(student, nnx.Param)):
     v[...] = v[...] + 0.01 * jax.random.normal(jax.random.key(len(p)), v.shape)
   logits, _ = student(_tokens(cfg))
   hf.save_model(student, tmp_path / "merged", merged=True)
-  merged, mcfg = hf.load_model(tmp_path / "merged", moe_backend=backend, capacity_factor=16.0)
+  merged, mcfg = hf.load_model(tmp_path / "merged",
+                               Runtime(moe_backend=backend, capacity_factor=16.0))
   assert merged.compression is None and mcfg == cfg
   np.testing.assert_allclose(np.asarray(merged(_tokens(cfg))[0]), np.asarray(logits), atol=1e-5)
   theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import make_hf_checkpoint, torch_logits
 from moedistill.hub import hf
+from moedistill.model.layers import Runtime
 
 CASES = {
     "norm_topk_on": dict(norm_topk_prob=True),
@@ -54,7 +55,7 @@ def test_router_logits_returned_per_moe_layer(tmp_path):
 
 def test_bf16_compute_close_to_f32(hf_tiny):
   path, ref_model = hf_tiny
-  model, cfg = hf.load_model(path, dtype=jnp.bfloat16)
+  model, cfg = hf.load_model(path, Runtime(dtype=jnp.bfloat16))
   tokens = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 13))
   logits, _ = model(jnp.asarray(tokens))
   assert logits.dtype == jnp.bfloat16

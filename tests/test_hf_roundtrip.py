@@ -10,6 +10,7 @@ import pytest
 from conftest import make_hf_checkpoint, torch_logits
 from moedistill.errors import CheckpointFileError, ConfigError
 from moedistill.hub import hf
+from moedistill.model.layers import Runtime
 
 
 def _same_state(a, b):
@@ -43,9 +44,9 @@ def test_save_loads_in_transformers_and_roundtrips(tmp_path, hf_tiny, max_shard_
 
 def test_bf16_save_roundtrip(tmp_path, hf_tiny):
   src, _ = hf_tiny
-  model, _ = hf.load_model(src, param_dtype=jnp.bfloat16)
+  model, _ = hf.load_model(src, Runtime(param_dtype=jnp.bfloat16))
   out = hf.save_model(model, tmp_path / "bf16")
-  again, _ = hf.load_model(out, param_dtype=jnp.bfloat16)
+  again, _ = hf.load_model(out, Runtime(param_dtype=jnp.bfloat16))
   _same_state(model, again)
   assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
 

@@ -22,7 +22,6 @@ from flax import nnx
 from moedistill import sharding
 from moedistill.errors import CheckpointFileError
 from moedistill.hub import safetensors_io as st
-from moedistill.model import moe
 from moedistill.model.config import ModelConfig
 from moedistill.model.layers import Runtime
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
@@ -108,9 +107,7 @@ def open_checkpoint(path) -> tuple[dict[str, st.SafetensorsFile], dict]:
   raise CheckpointFileError(f"{path}: neither {SINGLE} nor {INDEX} found")
 
 
-def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend="auto",
-               capacity_factor=1.25, remat="none", attention="auto", attention_block=512,
-               scan_layers=False, ep_capacity_factor=0.0, put: Callable | None = None):
+def load_model(path, runtime: Runtime = Runtime(), put: Callable | None = None):
   """Returns (model, config). `put(abstract_var, src) -> jax.Array` places each param, where
   `src` is a LazyParam (`.shape`, `.dtype`, `src[idx]` reads only that slice from the files);
   default: the whole param on the default device. moedistill.sharding.sharded_put(mesh) reads
@@ -119,12 +116,8 @@ def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend=
   source = str(Path(path) / "config.json")
   cfg = ModelConfig.from_hf_dict(raw, source=source)
   comp = Compression.from_dict(raw["compression"], source) if raw.get("compression") else None
-  rt = Runtime(dtype=dtype, param_dtype=param_dtype, moe_backend=moe.resolve_backend(moe_backend),
-               capacity_factor=capacity_factor, remat=remat, attention=attention,
-               attention_block=attention_block, scan_layers=scan_layers,
-               ep_capacity_factor=ep_capacity_factor)
   abstract = nnx.eval_shape(
-      lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=rt, compression=comp))
+      lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), runtime=runtime, compression=comp))
   graphdef, state = nnx.split(abstract)
   table = key_table(cfg, comp)
   extra = set(by_key) - {e.hf_key for e in table}
@@ -140,7 +133,7 @@ def load_model(path, *, dtype=jnp.float32, param_dtype=jnp.float32, moe_backend=
   for e in table:
     groups.setdefault(e.path, []).append(e)
   # Every key and shape is checked (headers only) before the first byte of weights is read.
-  srcs = [LazyParam(entries, flat[p].shape, by_key, np.dtype(param_dtype))
+  srcs = [LazyParam(entries, flat[p].shape, by_key, np.dtype(runtime.param_dtype))
           for p, entries in groups.items()]
   for p, src in zip(groups, srcs):
     flat[p].set_value(put(flat[p], src))

@@ -18,7 +18,7 @@ class Runtime:
   """How to compute (not what): lives in the graphdef, never in checkpoints."""
   dtype: jnp.dtype = jnp.float32          # compute dtype
   param_dtype: jnp.dtype = jnp.float32
-  moe_backend: str = "ragged"
+  moe_backend: str = "auto"  # resolved per platform and shapes by moe.resolve_runtime
   capacity_factor: float = 1.25
   # Expert parallelism with a dropless backend: all-to-all buffer per destination, in multiples
   # of the even share (tokens * k / expert axis); 0 = the worst case, nothing ever drops.

@@ -17,6 +17,7 @@ same custom-VJP wiring with the exact reference kernel, so CPU tests cover it).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -173,6 +174,13 @@ def resolve_backend(name: str) -> str:
   if gmm.is_hopper():
     return "mgpu"
   return {"gpu": "capacity", "cpu": "sorted"}.get(jax.default_backend(), "ragged")
+
+
+def resolve_runtime(rt, cfg=None, comp=None):
+  """The Runtime a model computes with: `auto` settings replaced by what this platform runs."""
+  if rt.moe_backend != "auto":
+    return rt
+  return dataclasses.replace(rt, moe_backend=resolve_backend(rt.moe_backend))
 
 
 def make_dispatch(backend: str, experts_tk, weights_tk, num_experts: int,

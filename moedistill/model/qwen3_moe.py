@@ -124,7 +124,7 @@ class DecoderLayer(nnx.Module):
 class Qwen3MoeForCausalLM(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime(),
                compression: Compression | None = None):
-    rt = runtime
+    rt = moe.resolve_runtime(runtime, cfg, compression)
     if rt.remat not in REMAT_POLICIES:
       raise ConfigError(f"remat={rt.remat!r}: expected one of {list(REMAT_POLICIES)}")
     if rt.scan_layers and len(set(map(cfg.is_moe_layer, range(cfg.num_hidden_layers)))) > 1:
