@@ -125,6 +125,27 @@ def open_arrays(path: str, meta: dict, create: bool = False, names=None,
   return out
 
 
+# Every top-level name moedistill writes at a split's cache path: nothing else is deleted.
+OWN_NAMES = ("metadata.json", "tokens.json", "staging", "tokens", "segment_ids", "tokens_done",
+             *LOGIT_ARRAYS)
+
+
+def clear(path: str):
+  """Deletes what moedistill wrote at `path` (OWN_NAMES only); a path holding anything else
+  is refused with one line before anything is deleted, whatever --overwrite says."""
+  kv = kvstore(path)
+  for key in kv.list().result():
+    top = key.decode(errors="replace").split("/")[0]
+    if top not in OWN_NAMES:
+      raise UserError(f"cache.path={path}: holds {key.decode(errors='replace')}, which "
+                      "moedistill did not write; refusing to delete it (choose an empty or new "
+                      "cache.path)")
+  futures = [kv.delete_range(ts.KvStore.KeyRange(name, name + "\0")) for name in OWN_NAMES]
+  futures += [kv.delete_range(ts.KvStore.KeyRange(name + "/", name + "0")) for name in OWN_NAMES]
+  for f in futures:
+    f.result()
+
+
 def kvstore(path: str) -> ts.KvStore:
   return ts.KvStore.open(kvstore_spec(path), context=CONTEXT).result()
 

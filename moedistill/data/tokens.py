@@ -204,7 +204,7 @@ def _start(path, new, overwrite, plist_len, empty_files):
   if old is not None:
     return old
   try:
-    cache.kvstore(path).delete_range(ts.KvStore.KeyRange()).result()
+    cache.clear(path)  # refuses a path holding what moedistill did not write
     meta = {**new, "pieces": plist_len, "stats": {"empty_files": empty_files}}
     cache.write_metadata(path, meta, META)
   except (ValueError, OSError) as e:

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moedistill import sharding
+from moedistill import atomic_io, sharding
 from moedistill.errors import CheckpointFileError
 from moedistill.hub import safetensors_io as st
 from moedistill.model.config import ModelConfig
@@ -277,7 +278,9 @@ def save_model(model, path, *, merged: bool = False, max_shard_bytes: int = 5 * 
   tmp = final.with_name(final.name + ".partial")
   writing = jax.process_index() == 0
   if writing:
-    shutil.rmtree(tmp, ignore_errors=True)
+    for d in (final, tmp):  # refused before anything is written or deleted
+      _check_ours(d)
+    _remove_ours(tmp)
     tmp.mkdir(parents=True)
   table = key_table(cfg, None if merged else comp)
   weight_map = _write_shards(arrays, table, tmp, out, max_shard_bytes, writing)
@@ -320,10 +323,45 @@ def _copy_extras(out_dir, tokenizer_from, extra_files):
 
 
 def _replace(tmp: Path, final: Path):
-  """Moves the finished `tmp` to `final`; the previous output goes only once `tmp` is whole."""
+  """Moves the finished `tmp` to `final`; the previous output goes only once `tmp` is in
+  its place (swapped atomically where the OS can: never a moment with neither)."""
   old = final.with_name(final.name + ".old")
-  if final.exists():
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(final, old)
-  os.replace(tmp, final)
-  shutil.rmtree(old, ignore_errors=True)
+  _check_ours(final)
+  _remove_ours(old)
+  atomic_io.replace_dir(tmp, final, old)
+  _remove_ours(old)
+
+
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+OWN_FILES = frozenset({"config.json", INDEX, SINGLE, "compression_report.json",
+                       *TOKENIZER_FILES})
+
+
+def _foreign(path: Path) -> str | None:
+  """The first entry of directory `path` that save_model does not write, or None."""
+  for e in sorted(path.iterdir()):
+    name = e.name.removesuffix(".tmp")  # a shard being written (safetensors_io)
+    if not (e.is_file() and (name in OWN_FILES or _SHARD.fullmatch(name))):
+      return e.name
+  return None
+
+
+def _check_ours(path: Path):
+  """Refuses to replace or delete a path holding anything save_model did not write."""
+  if not path.exists() and not path.is_symlink():
+    return
+  bad = path.name if not path.is_dir() or path.is_symlink() else _foreign(path)
+  if bad is not None:
+    raise CheckpointFileError(
+        f"{path}: holds {bad}, which moedistill did not write; refusing to replace or delete "
+        "it (move it away or choose another path)")
+
+
+def _remove_ours(path: Path):
+  """Deletes a directory save_model wrote (its own file names only, then the directory)."""
+  if not path.exists():
+    return
+  _check_ours(path)
+  for e in path.iterdir():
+    e.unlink()
+  path.rmdir()
