@@ -47,3 +47,37 @@ def test_save_model_never_replaces_a_directory_it_did_not_write(tmp_path, teache
   hf.save_model(model, out)
   assert (out / "model.safetensors").read_bytes() == first
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
+
+
+# --- 2. only proven damage falls back ------------------------------------------------------
+
+@pytest.mark.parametrize("where, error", [
+    ("restore", RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")),
+    ("restore", MemoryError()),
+    ("read_meta", PermissionError(13, "Permission denied")),
+    ("restore", ValueError("UNAVAILABLE: Connection reset by peer")),
+])
+def test_out_of_memory_during_restore_stops_and_deletes_nothing(tmp_path, capsys, monkeypatch,
+                                                                 where, error):
+  from test_checkpoint_recovery import listing, state_of, params_of
+  from moedistill.training.checkpoint import (CheckpointReadError, Checkpoints, abstract_like)
+  path = tmp_path / "ck"
+  ck = Checkpoints(path, async_save=False)
+  states = {s: state_of(params_of(seed=s)) for s in (1, 2)}
+  for s, st in states.items():
+    ck.save(s, st, {"stage": 0, "step_in_stage": s})
+  ck.close()
+  before = listing(path)
+
+  def fail(self, *a, **k):
+    raise error
+  monkeypatch.setattr(Checkpoints, where, fail)
+  ck = Checkpoints(path, async_save=False)
+  with pytest.raises(CheckpointReadError) as e:
+    ck.restore_latest(lambda step, meta: abstract_like(states[2]))
+  msg = str(e.value)
+  assert "\n" not in msg and f"checkpoint {path / '2'} could not be read" in msg, msg
+  assert type(error).__name__ in msg and "nothing was deleted" in msg
+  assert ck.damaged == set() and "unreadable" not in capsys.readouterr().err
+  ck.close()
+  assert listing(path) == before and Checkpoints(path).steps() == [1, 2]

@@ -8,11 +8,16 @@ Restoring tells a changed config from damage by the checkpoint's stored tree met
 (paths, shapes, dtypes), read before any array:
 - a layout other than the config's restore target (other param groups, ranks, stages) is a
   UserError naming the difference; nothing is deleted;
-- unreadable files (truncated, missing, garbage) are damage: a warning, a fall back to the
-  previous checkpoint, and the retrained step replaces the damaged one when it is saved.
+- unreadable files (truncated, missing, garbage: a checksum or decode failure) are damage: a
+  warning, a fall back to the previous checkpoint, and the retrained step replaces the damaged
+  one when it is saved;
+- any other failure (out of memory, permissions, a transient I/O error) is not damage: the
+  run stops with it (`CheckpointReadError`, one line) and nothing is deleted.
 """
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -76,8 +81,8 @@ class Checkpoints:
     for step in reversed(self.steps()):
       try:
         meta, stored = self.read_meta(step), self.stored_layout(step)
-      except Exception as e:  # noqa: BLE001 - metadata unreadable: damage, not a layout
-        self._warn_damaged(step, e)
+      except Exception as e:  # noqa: BLE001 - sorted by is_damage
+        self._damaged_or_stop(step, e)
         continue
       target = target_for(step, meta)
       diff = layout_diff(stored, flat_layout(target))
@@ -85,14 +90,24 @@ class Checkpoints:
         raise self.mismatch(step, diff)
       try:
         return step, meta, self.restore(step, target)
-      except Exception as e:  # noqa: BLE001 - the layout matched, so a failed read is damage
-        self._warn_damaged(step, e)
+      except Exception as e:  # noqa: BLE001 - sorted by is_damage
+        self._damaged_or_stop(step, e)
     return None
+
+  def _damaged_or_stop(self, step: int, e: BaseException):
+    """Proven damage falls back (and is replaced when retrained); any other failure (out of
+    memory, permissions, a transient I/O error) stops the run and deletes nothing."""
+    if not is_damage(e):
+      self.damaged.clear()  # nothing is replaced on the strength of this run
+      raise CheckpointReadError(
+          f"checkpoint {self.dir / str(step)} could not be read ({_one_line(e)}); this is "
+          "not damage, so nothing was deleted and no older checkpoint was used: fix the "
+          "cause and rerun the same command") from e
+    self._warn_damaged(step, e)
 
   def _warn_damaged(self, step: int, e: Exception):
     self.damaged.add(step)
-    print(f"warning: checkpoint {self.dir / str(step)} is unreadable "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}); "
+    print(f"warning: checkpoint {self.dir / str(step)} is unreadable ({_one_line(e)}); "
           "falling back to an older one", file=sys.stderr)
 
   def wait(self):
@@ -101,6 +116,35 @@ class Checkpoints:
   def close(self):
     self.mngr.wait_until_finished()
     self.mngr.close()
+
+
+class CheckpointReadError(UserError):
+  """A checkpoint could not be read for a reason other than damage (see is_damage)."""
+
+
+# TensorStore status codes of a read that proves the files are damaged or missing; the others
+# (RESOURCE_EXHAUSTED, PERMISSION_DENIED, UNAVAILABLE, DEADLINE_EXCEEDED, ...) say nothing
+# about the files.
+_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE")
+_STATUS = re.compile(r"\b(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|"
+                     r"ALREADY_EXISTS|PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|"
+                     r"ABORTED|OUT_OF_RANGE|UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|"
+                     r"UNAUTHENTICATED): ")
+
+
+def is_damage(e: BaseException) -> bool:
+  """True for proven damage: missing files, a checksum or decode failure. Out of memory,
+  permission and transient I/O errors are not."""
+  if isinstance(e, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, EOFError)):
+    return True
+  if isinstance(e, (MemoryError, PermissionError)) or not isinstance(e, ValueError):
+    return False  # RuntimeError (XLA's RESOURCE_EXHAUSTED), OSError, ...
+  code = _STATUS.search(str(e))
+  return code is None or code.group(1) in _DAMAGE_CODES  # a plain ValueError: a decode error
+
+
+def _one_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
 def restore_params(step_dir, abstract_params) -> dict:
