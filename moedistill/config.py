@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from moedistill.data.sources import DataSpec
 from moedistill.errors import ConfigError
-from moedistill.model import attention
+from moedistill.model import attention, resolve
 from moedistill.model.layers import REMAT_POLICIES, Runtime
 from moedistill.model.moe import BACKENDS
 from moedistill.sharding import MeshConfig
@@ -37,8 +37,7 @@ def _dtype(name, field):
   """`auto` (compute dtype): bfloat16 on accelerators, float32 on CPU (where bf16 is emulated
   and slower)."""
   if name == "auto":
-    import jax
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.float32 if resolve.target().platform == "cpu" else jnp.bfloat16
   _check(name in DTYPES, f"config.{field}={name!r}: expected one of {sorted(DTYPES)} or 'auto'")
   return DTYPES[name]
 
@@ -62,11 +61,20 @@ def _bool(value, field):
 
 
 def _attention(value):
-  impl = _choice(value, attention.IMPLS, "model.attention")
   # cuDNN attention cannot even be lowered elsewhere: refuse before any weights are loaded.
-  _check(impl != "cudnn" or attention.nvidia_gpu(), "config.model.attention='cudnn': needs an "
-         "NVIDIA GPU (compute capability >= 8.0), none found; expected auto, blocked or plain")
-  return impl
+  return _runnable(_choice(value, attention.IMPLS, "model.attention"), "attention")
+
+
+def _runnable(value, field):
+  """value, when the target device (resolve.target(): this host, or the one `plan
+  --platform` lowers for) can run model.<field>=value; else one line naming the field."""
+  t = resolve.target()
+  why = resolve.unsupported(field, value, t.platform, t.device_kind)
+  if why is not None:
+    choices = ("auto", *BACKENDS) if field == "moe_backend" else attention.IMPLS
+    ok = [c for c in choices if resolve.unsupported(field, c, t.platform, t.device_kind) is None]
+    raise ConfigError(f"config.model.{field}={value!r}: {why}; expected one of {ok}")
+  return value
 
 
 def join(base: str, *parts: str) -> str:
@@ -247,7 +255,8 @@ def _ep_capacity_factor(value) -> float:
 _RUNTIME_CHECKS = {
     "dtype": lambda v: _dtype(v, "model.dtype"),
     "param_dtype": lambda v: _dtype(v, "model.param_dtype"),
-    "moe_backend": lambda v: _choice(v, ("auto", *BACKENDS), "model.moe_backend"),
+    "moe_backend": lambda v: _runnable(_choice(v, ("auto", *BACKENDS), "model.moe_backend"),
+                                       "moe_backend"),
     "remat": lambda v: _choice(v, REMAT_POLICIES, "model.remat"),
     "attention": lambda v: _attention(v),
     "attention_block": lambda v: _positive(v, "model.attention_block"),

@@ -10,7 +10,7 @@ probabilities); `blocked` holds one [b, q, g, r, k] score tile at a time in the 
 the backward: its custom VJP saves only the output and the per-row logsumexp and recomputes
 each tile (FlashAttention-2, arXiv 2307.08691, algorithms 1 and 2), skipping tiles above the
 diagonal. cuDNN attention cannot even be lowered without an NVIDIA GPU ("cuDNN is not
-detected"), so `auto` picks it only at run time on one, and everything else never touches it.
+detected"); `auto` never picks it (see `resolve`), and everything else never touches it.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from moedistill.errors import ConfigError
 
-IMPLS = ("auto", "plain", "blocked", "cudnn")
+IMPLS = ("auto", "plain", "blocked", "cudnn", "pallas")
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) is 0 and never NaN (no inf - inf)
 
 
@@ -37,14 +37,13 @@ def nvidia_gpu() -> bool:
 
 
 def resolve(impl: str, seq_len: int, dtype, block: int) -> str:
-  """`auto`: cuDNN on an NVIDIA GPU for 16-bit compute (cuDNN has no float32 flash kernel),
-  else `blocked` for rows longer than one block, else `plain` (fastest for short rows)."""
+  """`auto` left by moe.resolve_runtime (which makes it `pallas` on NVIDIA GPUs, never cuDNN:
+  with segment ids jax 0.10.2 gives cuDNN a dense [b, 1, t, t] mask): `blocked` for rows
+  longer than one block, else `plain` (fastest for short rows)."""
   if impl not in IMPLS:
     raise ConfigError(f"attention={impl!r}: expected one of {list(IMPLS)}")
   if impl != "auto":
     return impl
-  if nvidia_gpu() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
   return "blocked" if seq_len > block else "plain"
 
 

@@ -22,9 +22,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from moedistill.errors import ConfigError
-from moedistill.model import gmm
+from moedistill.model import gmm, pallas_gmm, resolve
 
 
 def route(x_td, w_de, k: int, norm_topk_prob: bool):
@@ -138,7 +139,8 @@ class SortedDispatch:
     # Tiles past the used ones hold zero rows; they take the last expert.
     self.tile_expert = jnp.minimum(
         jnp.searchsorted(tile_end_e, jnp.arange(n_tiles), side="right"), num_experts - 1)
-    self.live = tile_end_e[-1] if skip_empty else None
+    self.used_tiles = tile_end_e[-1]  # tiles from here on hold no copies
+    self.live = self.used_tiles if skip_empty else None
     self.weights_tk = weights_tk
     self.dropped = jnp.zeros((), jnp.int32)
 
@@ -155,6 +157,20 @@ class SortedDispatch:
     return jnp.einsum("tkd,tk->td", y_tkd, self.weights_tk.astype(y_pd.dtype))
 
 
+class PallasDispatch(SortedDispatch):
+  """`sorted`'s buffer in tiles of pallas_gmm.row_tile rows (powers of two >= 16, as Triton's
+  dot needs); the grouped matmul is pallas_gmm.gmm, whose programs on tiles past the used ones
+  write zeros without computing (whether or not skip_empty)."""
+
+  def __init__(self, experts_tk, weights_tk, num_experts: int, skip_empty: bool = False):
+    t, k = experts_tk.shape
+    super().__init__(experts_tk, weights_tk, num_experts, pallas_gmm.row_tile(t * k, num_experts),
+                     skip_empty)
+
+  def gmm(self, a_pd, w_edf):
+    return pallas_gmm.gmm(a_pd, w_edf, self.tile_expert, self.used_tiles)
+
+
 def sorted_tile(m: int, num_experts: int) -> int:
   """Rows per tile: 32 (at 8192 copies x 128 experts, 32 and 64 were within noise of each
   other and well ahead of 8 and 16: scripts/bench_moe_cpu.py --tiles); smaller when experts
@@ -162,25 +178,37 @@ def sorted_tile(m: int, num_experts: int) -> int:
   return max(8, min(32, 1 << max(0, (m // num_experts).bit_length() - 1)))
 
 
-BACKENDS = ("ragged", "sorted", "capacity", "ragged_vjp", "mgpu")
+BACKENDS = ("ragged", "sorted", "capacity", "ragged_vjp", "mgpu", "pallas")
+_LOGGED: set[str] = set()  # each reason for passing over a faster path, logged once
 
 
-def resolve_backend(name: str) -> str:
-  """`auto`: mgpu on Hopper, capacity on other GPUs (default ragged_dot lowers to a dense
-  masked matmul there, see DESIGN.md), sorted on CPU (ragged_dot is dense there too),
-  ragged on TPU."""
-  if name != "auto":
-    return name
-  if gmm.is_hopper():
-    return "mgpu"
-  return {"gpu": "capacity", "cpu": "sorted"}.get(jax.default_backend(), "ragged")
+def resolve_backend(name: str, cfg=None, comp=None) -> str:
+  """`auto`: what resolve.resolve picks for the target device (resolve.target(): this host,
+  or what `plan --platform` lowers for) and this model's grouped-matmul shapes (cfg, comp;
+  without cfg they are unknown and `mgpu` is not chosen). Never `capacity`."""
+  return name if name != "auto" else _resolved(cfg, comp).moe_backend
+
+
+def _resolved(cfg, comp):
+  t = resolve.target()
+  r = resolve.resolve(t.platform, t.device_kind,
+                      None if cfg is None else resolve.gmm_shapes(cfg, comp))
+  if r.why and r.why not in _LOGGED:
+    _LOGGED.add(r.why)
+    logging.info(r.why)
+  return r
 
 
 def resolve_runtime(rt, cfg=None, comp=None):
-  """The Runtime a model computes with: `auto` settings replaced by what this platform runs."""
-  if rt.moe_backend != "auto":
+  """The Runtime a model computes with: `auto` moe_backend and attention replaced by what
+  the target device runs for this model's shapes (resolve.resolve); attention stays `auto`
+  where that means plain or blocked by row length (decided per call)."""
+  if rt.moe_backend != "auto" and rt.attention != "auto":
     return rt
-  return dataclasses.replace(rt, moe_backend=resolve_backend(rt.moe_backend))
+  r = _resolved(cfg, comp)
+  return dataclasses.replace(
+      rt, moe_backend=r.moe_backend if rt.moe_backend == "auto" else rt.moe_backend,
+      attention=r.attention if rt.attention == "auto" else rt.attention)
 
 
 def make_dispatch(backend: str, experts_tk, weights_tk, num_experts: int,
@@ -190,6 +218,8 @@ def make_dispatch(backend: str, experts_tk, weights_tk, num_experts: int,
     return RaggedDispatch(experts_tk, weights_tk, num_experts)
   if backend == "sorted":
     return SortedDispatch(experts_tk, weights_tk, num_experts, skip_empty=skip_empty)
+  if backend == "pallas":  # Triton-lowered Pallas kernels; interpret mode on CPU
+    return PallasDispatch(experts_tk, weights_tk, num_experts, skip_empty=skip_empty)
   if backend == "ragged_vjp":  # the mgpu wiring with the exact reference kernel (any device)
     return RaggedDispatch(experts_tk, weights_tk, num_experts, gmm.ReferenceKernel())
   if backend == "mgpu":
