@@ -1,4 +1,5 @@
-"""Every command in README.md, as written, so the README cannot drift from the code.
+"""Every command in README.md and docs/*.md, so the docs cannot drift from the code. What
+"checked" means for each kind of command (none but the demo's does real work here):
 
 - Shell code blocks: each `python -m moedistill.<command> ...` runs parse-only with the same
   flags through `moedistill.params`, which reads the config, every override and the teacher's
@@ -26,9 +27,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
-BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, re.S)
-# The prose outside code blocks, less Troubleshooting (whose examples are refusals).
-PROSE = re.sub(r"```.*?```|## Troubleshooting.*?(?=\n## )", "", README, flags=re.S)
+DOCS = {p.name: p.read_text() for p in sorted((REPO / "docs").glob("*.md"))}
+TEXT = "\n".join([README, *DOCS.values()])
+BLOCKS = re.findall(r"```(\w*)\n(.*?)```", TEXT, re.S)
+# The prose outside code blocks, less the troubleshooting page (whose examples are refusals).
+PROSE = re.sub(r"```.*?```", "", "\n".join(
+    [README, *(t for n, t in DOCS.items() if n != "troubleshooting.md")]), flags=re.S)
 NOT_RUN = {"setup": "installs or downloads", "suite": "this test suite",
            "demo": "tests/test_demo.py runs it"}
 
@@ -58,7 +62,11 @@ def kind(argv) -> str:
       argv[2].startswith("moedistill."):
     return "demo" if argv[2:] == ["moedistill.train", "--config=configs/two_stage.py"] \
         else "moedistill"
-  raise AssertionError(f"README command not classified by this test: {shlex.join(argv)}")
+  if argv[0] == "bash" and argv[1].startswith("scripts/") or argv[:2] == ["python", "-m"] \
+      and argv[2].startswith("benchmarks") or argv[0] == "python" and argv[1].startswith(
+          "scripts/"):
+    return "script"
+  raise AssertionError(f"docs command not classified by this test: {shlex.join(argv)}")
 
 
 def qwen3_30b_a3b_dir(tmp_path) -> Path:
@@ -121,17 +129,19 @@ def help_text(module: str) -> str:
   return r.stdout + r.stderr
 
 
-def table_rows():
-  return re.findall(r"^\| `python -m (moedistill\.\w+)([^`]*)` \|", README, re.M)
+def table_rows(text=TEXT):
+  return re.findall(r"^\| `python -m (moedistill\.\w+)([^`]*)` \|", text, re.M)
 
 
-def test_table_lists_every_command():
+@pytest.mark.parametrize("text", [README, DOCS["configuration.md"]], ids=["README", "docs"])
+def test_table_lists_every_command(text):
   commands = {f"moedistill.{p.stem}" for p in (REPO / "moedistill").glob("*.py")
               if 'if __name__ == "__main__":' in p.read_text()}
-  assert {m for m, _ in table_rows()} == commands
+  assert {m for m, _ in table_rows(text)} == commands
 
 
-@pytest.mark.parametrize("module,flags", table_rows(), ids=lambda x: x if "." in x else "")
+@pytest.mark.parametrize("module,flags", sorted(set(table_rows())),
+                         ids=lambda x: x if "." in x else "")
 def test_table_flags_are_defined(module, flags):
   text = help_text(module)
   for name in re.findall(r"--([\w.]+)", flags):
@@ -158,3 +168,39 @@ def test_group_examples_are_valid(literal):
   paths = list(param_tree.shapes(param_tree.abstract_student(cfg, Compression(*job.ranks))))
   stage = {s.name: s for s in job.train.stages}["all"]
   assert len(optim.assign(paths, stage.groups, "groups")) == len(paths)
+
+
+def inline_commands():
+  """Commands quoted inline (`python scripts/x.py --flag ...`, `python -m moedistill.x ...`,
+  `bash scripts/x.sh`) in README.md and docs/*.md, outside code blocks."""
+  prose = re.sub(r"```.*?```", "", TEXT, flags=re.S)
+  spans = re.findall(r"`((?:python|bash) [^`]+)`", prose.replace("\n  ", " ").replace("\n", " "))
+  return sorted({s for s in spans if re.match(r"(python|bash) (-m \w|scripts/|benchmarks)", s)})
+
+
+def _script_and_flags(cmd):
+  argv = shlex.split(cmd.replace("...", "X"))
+  if argv[0] == "bash":
+    return None, argv[1] if argv[1] != "scripts/test.sh" else None, []
+  module = argv[2] if argv[1] == "-m" else None
+  script = None if module else argv[1]
+  return module, script, re.findall(r"(?<![\w-])--([\w.]+)", cmd)
+
+
+@pytest.mark.parametrize("cmd", inline_commands())
+def test_inline_command_names_real_flags(cmd):
+  """The script or module exists and defines every flag the docs give it."""
+  module, script, names = _script_and_flags(cmd)
+  if script:
+    assert (REPO / script).is_file(), f"{script} does not exist"
+  if not names or (script and script.endswith(".sh")):
+    return
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  argv = ["-m", module, "--helpfull"] if module else [script, "--help"]
+  r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env,
+                     timeout=300, cwd=REPO)
+  text = r.stdout + r.stderr
+  for name in names:
+    if name.startswith("config.") or name in ("config", "xla_force_host_platform_device_count"):
+      continue
+    assert re.search(rf"--(\[no\])?{re.escape(name)}\b", text), f"{cmd}: no --{name}"
