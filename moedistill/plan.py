@@ -14,6 +14,12 @@ CLI: python -m moedistill.plan --config=configs/two_stage.py [--devices=N] [--de
 line is one JSON object: {"fits", "device_memory", "programs": {name: {"bytes_per_device",
 "flops_per_device", "collective_bytes_per_device", "compile_s", ...}}}. A program that does
 not fit: exit status 2 and one line naming it, the overshoot and the knobs that would help.
+--platform=cuda|rocm|tpu|cpu [--device_kind="NVIDIA H100 80GB HBM3"] lowers the same programs
+for that platform without compiling them (no device of it needed; config checks and `auto`
+resolve for it, see model/resolve.py) and reports per program whether it lowered and the custom
+calls in it (a Pallas Triton kernel: `__gpu$xla.gpu.triton`), or its error's first line (then
+exit status 2). Its last stdout line is one JSON object: {"platform", "device_kind", "runtime"
+(what teacher and student resolve to), "lowered", "programs": {name: {...}}}.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ from flax import nnx  # noqa: E402
 from moedistill import sharding  # noqa: E402
 from moedistill.config import Job  # noqa: E402
 from moedistill.errors import ConfigError, UserError  # noqa: E402
-from moedistill.model import moe  # noqa: E402
+from moedistill.model import resolve  # noqa: E402
 from moedistill.model.config import ModelConfig  # noqa: E402
 from moedistill.model.layers import Runtime  # noqa: E402
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
@@ -138,8 +144,18 @@ def device_bytes(tree) -> int:
 
 
 def runtime(job: Job) -> Runtime:
-  """The Runtime `hf.load_model` builds from the job's model settings."""
-  return moe.resolve_runtime(job.model)
+  """The Runtime `hf.load_model` builds models with: the job's model settings, `auto` left for
+  each model's constructor to resolve for the target device and that model's shapes
+  (moe.resolve_runtime: the teacher and the student may get different grouped matmuls)."""
+  return job.model
+
+
+def lower(fn, *args):
+  """fn.lower(*args), for the target platform (resolve.target()): another one than this
+  host's when `--platform` cross-lowers (jax lowers without compiling or any device of it)."""
+  target = resolve.target().platform
+  platforms = None if target == resolve.host_target().platform else (target,)
+  return fn.trace(*args).lower(lowering_platforms=platforms)
 
 
 def abstract_model(cfg: ModelConfig, rt: Runtime, comp: Compression | None, mesh):
@@ -213,7 +229,7 @@ def cache_program(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> Program:
                       "batch shards")
   tok = batch_specs(mesh, rows, job.train_data.seq_len, 1, 1)["tokens"]
   fn = forward_program(graphdef, mesh, job)
-  return Program("cache_forward", lambda: fn.lower(state, tok, tok), device_bytes(params))
+  return Program("cache_forward", lambda: lower(fn, state, tok, tok), device_bytes(params))
 
 
 def compress_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Program]:
@@ -230,7 +246,7 @@ def compress_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Pro
     names = (f"shared_core.{q}", f"wrapper.{q}_a", f"wrapper.{q}_b")
     fn = factor_program(mesh, comp.rank(q), [student[base + n].sharding for n in names])
     w = teacher[base + f"{q}_proj"]
-    out.append(Program(f"compress_{q}", lambda fn=fn, w=w: fn.lower(w, None), resident,
+    out.append(Program(f"compress_{q}", lambda fn=fn, w=w: lower(fn, w, None), resident,
                        resident=resident))
   return out
 
@@ -255,7 +271,7 @@ def train_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Progra
     fn = jit_train_step(graphdef, template, tx, step_config(job, stage, cfg, t_index), tr, opt,
                         mesh)
     out.append(Program(f"train_{stage.name}",
-                       lambda fn=fn, tr=tr, fr=fr, opt=opt: fn.lower(tr, fr, opt, batch),
+                       lambda fn=fn, tr=tr, fr=fr, opt=opt: lower(fn, tr, fr, opt, batch),
                        device_bytes(params), device_bytes(opt)))
   return out
 
@@ -271,7 +287,7 @@ def eval_program(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> Program:
   batch = batch_specs(mesh, held_out.eval_batch_size(mesh, 8), job.train_data.seq_len, c.k,
                       len(c.temperatures))
   fn = held_out.eval_program(graphdef, cfg, c.temperatures[0], 0, mesh=mesh)
-  return Program("eval", lambda: fn.lower(state, batch), device_bytes(params))
+  return Program("eval", lambda: lower(fn, state, batch), device_bytes(params))
 
 
 def export_program(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> Program:
@@ -283,7 +299,7 @@ def export_program(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> Program:
   parts = [student[base + n] for n in ("shared_core.gate", "wrapper.gate_a", "wrapper.gate_b")]
   dtype = hf.checkpoint_dtype(job.teacher)
   resident = device_bytes(student)
-  return Program("export", lambda: hf._merge_cast.lower(*parts, dtype), resident,
+  return Program("export", lambda: lower(hf._merge_cast, *parts, dtype), resident,
                  resident=resident)
 
 
@@ -355,8 +371,73 @@ def device_memory(devices) -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(jax.local_devices())
 
 
+def _custom_calls(text: str) -> list[str]:
+  """Custom-call targets of a lowered module's text (e.g. `__gpu$xla.gpu.triton`: a Pallas
+  Triton kernel; none when the program is plain XLA)."""
+  return sorted(set(re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)))
+
+
+def cross_lower(job: Job, mesh, which=PROGRAMS, show: bool = True) -> dict:
+  """Lowers, without compiling, each program for resolve.target() (set by the caller): per
+  program {"lowered": true, "lower_s", "custom_calls"} or {"lowered": false, "error": its
+  first line}; a program that fails does not stop the others."""
+  t = resolve.target()
+  cfg = ModelConfig.from_json_file(Path(job.teacher, "config.json"))
+  from moedistill.model.moe import resolve_runtime
+  resolved = {name: dataclasses.asdict(resolve_runtime(job.model, cfg, comp))
+              for name, comp in (("teacher", None), ("student", Compression(*job.ranks)))}
+  out = {}
+  for p in programs(job, mesh, which):
+    t0 = time.perf_counter()
+    try:
+      text = p.lower().as_text()
+      out[p.name] = r = {"lowered": True, "lower_s": round(time.perf_counter() - t0, 3),
+                         "custom_calls": _custom_calls(text)}
+    except Exception as e:  # noqa: BLE001: the report is the point; every error is kept
+      out[p.name] = r = {"lowered": False,
+                         "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+    if show and jax.process_index() == 0:
+      print(f"{p.name:<16} " + (f"lowered for {t.platform} in {r['lower_s']:.1f}s, custom calls "
+                                f"{r['custom_calls']}" if r["lowered"] else
+                                f"NOT lowered for {t.platform}: {r['error']}"), flush=True)
+  return {"platform": t.platform, "device_kind": t.device_kind,
+          "runtime": {k: {f: jnp.dtype(v).name if f.endswith("dtype") else v for f, v in r.items()}
+                      for k, r in resolved.items()},
+          "lowered": all(r["lowered"] for r in out.values()), "programs": out}
+
+
+def _cross_main(argv, platform: str, device_kind: str):
+  """plan --platform: the programs lowered for that platform from this machine, whose own
+  devices only stand in for the mesh. Exit status 2 when any did not lower."""
+  import contextlib
+
+  from moedistill.cli import load_job
+  from moedistill.model import pallas_gmm
+  if platform not in resolve.PLATFORMS:
+    raise UserError(f"--platform={platform!r}: expected one of {list(resolve.PLATFORMS)}")
+  t = resolve.Target(platform, device_kind or resolve.DEFAULT_KIND[platform])
+  # Pallas kernels run in interpret mode on a CPU host; for CUDA they must trace for Triton.
+  triton = pallas_gmm.triton_lowering() if platform == "cuda" else contextlib.nullcontext()
+  with resolve.targeting(t), triton:
+    job, F = load_job(argv)  # config checks and `auto` for the target, not this host
+    bad = [p for p in F.programs if p not in PROGRAMS]
+    if bad or not F.programs:
+      raise UserError(f"--programs={','.join(F.programs)}: expected names among {PROGRAMS}")
+    result = cross_lower(job, sharding.make_mesh(job.mesh), F.programs)
+  print(json.dumps(result))
+  failed = [n for n, r in result["programs"].items() if not r["lowered"]]
+  if failed:
+    raise UserError(f"plan --platform={platform}: {len(failed)} of {len(result['programs'])} "
+                    f"programs did not lower ({', '.join(failed)}); their errors are above")
+
+
 def define_flags():
   from absl import flags
+  flags.DEFINE_string("platform", "", f"lower (not compile) for this platform, one of "
+                      f"{list(resolve.PLATFORMS)}, and report per program whether it lowered "
+                      "('': compile for this machine's devices and measure)")
+  flags.DEFINE_string("device_kind", "", "the target's device kind for `auto` (default: "
+                      f"{resolve.DEFAULT_KIND})")
   flags.DEFINE_integer("devices", None, "compile for N forced CPU devices (default: this "
                        "machine's devices)")
   flags.DEFINE_string("device_memory", None, "bytes per device to fit, e.g. 80GiB (default: "
@@ -365,7 +446,11 @@ def define_flags():
 
 
 def main(argv):
+  from absl import flags
+
   from moedistill.cli import load_job
+  if flags.FLAGS.platform:
+    return _cross_main(argv, flags.FLAGS.platform, flags.FLAGS.device_kind)
   job, F = load_job(argv)
   n = len(jax.devices())
   if F.devices is not None and (F.devices < 1 or F.devices != n):
