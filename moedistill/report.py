@@ -1,14 +1,20 @@
 """The before/after report: teacher, zero-shot student and distilled student on held-out rows,
-as a table, <workdir>/report.json and a PNG of the loss curves per stage."""
+as a table, <workdir>/report.json and a PNG of the loss curves per stage.
+
+CLI: python -m moedistill.report --config=configs/two_stage.py [--config.<field>=<value>]
+evaluates the three again (the teacher, `student.init_from`, `<workdir>/export`, on the eval
+cache) and rewrites both files; `train` does this at its end.
+"""
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import jax
 
-from moedistill import sharding
+from moedistill import atomic_io, sharding
 from moedistill.config import Job
 from moedistill.data.cache import CacheReader
 from moedistill.training.held_out import evaluate_model
@@ -18,37 +24,54 @@ ROWS = (("teacher", "teacher"), ("student_init", "zero-shot student"),
         ("student_distilled", "distilled student"))
 
 
-def evaluate_path(job: Job, path, reader: CacheReader, mesh=None) -> dict:
+def evaluate_path(job: Job, path, reader: CacheReader, mesh=None, teacher=None) -> dict:
   """Held-out figures of one checkpoint directory, at T=1 when cached (the report's and the
   sweep's one definition). The model is read straight into its shardings on `mesh` (default:
-  the config's) and evaluated there: every process must call this."""
+  the config's) and evaluated there: every process must call this. With `teacher` (a model
+  on that mesh) the figures add the exact full-vocab KL `kl_full` (evaluate_model)."""
   mesh = mesh or sharding.make_mesh(job.mesh)
   temperature = 1.0 if reader.temperature_index(1.0) is not None else reader.meta["temperatures"][0]
   model, _ = hf.load_model(path, job.model, put=sharding.sharded_put(mesh))
-  return evaluate_model(model, reader, temperature=temperature, mesh=mesh)
+  return evaluate_model(model, reader, temperature=temperature, mesh=mesh, teacher=teacher,
+                        vocab_chunk=job.train.vocab_chunk)
 
 
 def write_report(job: Job, mesh=None) -> dict:
-  """Every process evaluates (on the mesh); process 0 prints and writes the files."""
+  """Every process evaluates (on the mesh); process 0 prints and writes the files. The
+  teacher is loaded once beside each evaluated model for the exact full-vocab KL column
+  (the teacher's own row is 0 by definition, up to float32 rounding)."""
   workdir = Path(job.workdir)
   reader = CacheReader(job.cache_path("eval"))
+  mesh = mesh or sharding.make_mesh(job.mesh)
   paths = {"teacher": job.teacher, "student_init": job.student_init,
            "student_distilled": workdir / "export"}
-  report = {key: evaluate_path(job, path, reader, mesh) for key, path in paths.items()}
+  teacher = hf.load_model(job.teacher, job.model, put=sharding.sharded_put(mesh))[0]
+  report = {key: evaluate_path(job, path, reader, mesh, teacher)
+            for key, path in paths.items()}
+  del teacher
   if jax.process_index() != 0:
     return report
-  print(f"{'held-out':<20} {'ppl':>9} {'KL to teacher':>14} {'top-1 agree':>12}")
+  print(f"{'held-out':<20} {'ppl':>9} {'KL to teacher':>14} {'KL (full vocab)':>16} "
+        f"{'top-1 agree':>12}")
   for key, name in ROWS:
     r = report[key]
-    print(f"{name:<20} {r['ppl']:>9.3f} {r['kl']:>14.4f} {r['top1_agreement']:>12.3f}")
-  (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"{name:<20} {r['ppl']:>9.3f} {r['kl']:>14.4f} {r['kl_full']:>16.4f} "
+          f"{r['top1_agreement']:>12.3f}")
+  atomic_io.write_json(workdir / "report.json", report)
   plot_losses(workdir)
   return report
 
 
 def plot_losses(workdir: Path):
-  # matplotlib caches fonts under ~/.cache unless told otherwise: keep writes in the workdir.
-  os.environ.setdefault("MPLCONFIGDIR", str(workdir / ".matplotlib"))
+  # matplotlib keeps its font cache in MPLCONFIGDIR, else ~/.config/matplotlib (with a
+  # warning on stderr and a fresh temporary one per run when that is not writable). A user's
+  # setting wins; otherwise the user's cache directory, else the temp directory: never the
+  # workdir, which holds only the run's own outputs.
+  if "MPLCONFIGDIR" not in os.environ:
+    os.environ["MPLCONFIGDIR"] = _writable_dir(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "moedistill",
+             "matplotlib"),
+        Path(tempfile.gettempdir(), f"moedistill-matplotlib-{os.getuid()}"))
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -70,3 +93,27 @@ def plot_losses(workdir: Path):
   fig.tight_layout()
   fig.savefig(workdir / "loss_curves.png", dpi=100)
   plt.close(fig)
+
+
+def _writable_dir(*candidates: Path) -> str:
+  """The first candidate directory that exists (made if need be) and is writable; the last
+  one when none is (matplotlib then warns and uses a temporary one)."""
+  for d in candidates:
+    try:
+      d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+      continue
+    if os.access(d, os.W_OK):
+      return str(d)
+  return str(candidates[-1])
+
+
+def main(argv):
+  from moedistill.cli import load_job
+  job, _ = load_job(argv)
+  write_report(job)
+
+
+if __name__ == "__main__":
+  from moedistill.cli import run
+  run(main)

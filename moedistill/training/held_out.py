@@ -38,6 +38,22 @@ def make_eval_fn(model, temperature: float, t_index: int, chunk: int = 4096, mes
   return lambda batch: fn(state, batch)
 
 
+def full_vocab_program(graphdef, teacher_graphdef, temperature: float, chunk: int = 4096,
+                       mesh=None):
+  """The jitted exact full-vocab KL(teacher || student) sums of one batch, (state,
+  teacher_state, batch) -> {'kl_full', 'tokens'}: both models' final hidden states through
+  their own lm_heads, chunk by chunk (online_teacher.full_vocab_kl, no [tokens x vocab])."""
+  from moedistill.training.online_teacher import model_kl_sums
+
+  def fn(state, t_state, batch):
+    return model_kl_sums(nnx.merge(graphdef, state), nnx.merge(teacher_graphdef, t_state),
+                         batch["tokens"], batch["segment_ids"], temperature, chunk)
+
+  if mesh is None:
+    return jax.jit(fn)
+  return jax.jit(sharding.on_mesh(mesh, fn), out_shardings=sharding.replicated(mesh))
+
+
 def eval_batch_size(mesh, requested: int) -> int:
   """`requested` rounded up so that every batch shard of the mesh and every process gets
   whole rows (padding rows count for nothing)."""
@@ -64,25 +80,45 @@ def read_batch(reader: CacheReader, lo: int, n: int, batch_size: int, mesh):
 
 
 def evaluate_model(model, reader: CacheReader, *, temperature: float = 1.0,
-                   batch_size: int = 8, max_rows: int = 0, mesh=None) -> dict:
+                   batch_size: int = 8, max_rows: int = 0, mesh=None, teacher=None,
+                   vocab_chunk: int = 4096) -> dict:
   """Held-out figures of `model`; with `mesh` (the model's params on it) batches are
-  sharded over the mesh and every process must call this."""
+  sharded over the mesh and every process must call this. With `teacher` (a model on the
+  same mesh) also `kl_full`, the exact KL(teacher || model) over the whole vocabulary at
+  `temperature` per valid token, and `teacher_topk_mass`, the teacher's mean mass inside the
+  cache's top-k at `temperature` (exp of the cached top-k log-probs, summed)."""
   t_index = reader.temperature_index(temperature)
   if t_index is None:
     raise UserError(f"evaluate: temperature={temperature} is not cached in {reader.path} "
                     f"(cached: {reader.meta['temperatures']})")
   reader.validate(vocab_size=model.config.vocab_size, seq_len=reader.meta["seq_len"])
   fn = make_eval_fn(model, temperature, t_index, mesh=mesh)
+  full = None
+  if teacher is not None:
+    if teacher.config.vocab_size != model.config.vocab_size:
+      raise UserError(f"evaluate --full_vocab: the teacher's vocab_size="
+                      f"{teacher.config.vocab_size}, the model's {model.config.vocab_size}")
+    graphdef, state = nnx.split(model)
+    t_graphdef, t_state = nnx.split(teacher)
+    prog = full_vocab_program(graphdef, t_graphdef, temperature, vocab_chunk, mesh)
+    full = lambda batch: prog(state, t_state, batch)  # noqa: E731
   n = min(reader.rows, max_rows) if max_rows else reader.rows
   batch_size = eval_batch_size(mesh, batch_size)
   totals: dict[str, float] = {}
   for lo in range(0, n, batch_size):
-    sums = fn(read_batch(reader, lo, n, batch_size, mesh))
+    batch = read_batch(reader, lo, n, batch_size, mesh)
+    sums = fn(batch)
+    if full is not None:
+      sums = {**sums, "kl_full": full(batch)["kl_full"]}
     for k, v in sums.items():
       if k in ("router_aux", "moe_dropped"):
         continue
       totals[k] = totals.get(k, 0.0) + float(sharding.to_host(v))
   tok = max(totals["tokens"], 1.0)
-  return {"ppl": math.exp(totals["ce"] / tok), "ce": totals["ce"] / tok,
-          "kl": totals["kl"] / tok, "top1_agreement": totals["top1_agreement"] / tok,
-          "tokens": int(totals["tokens"]), "temperature": temperature}
+  out = {"ppl": math.exp(totals["ce"] / tok), "ce": totals["ce"] / tok,
+         "kl": totals["kl"] / tok, "top1_agreement": totals["top1_agreement"] / tok,
+         "tokens": int(totals["tokens"]), "temperature": temperature}
+  if full is not None:  # both programs count the same valid tokens (labels_and_mask)
+    out.update(kl_full=totals["kl_full"] / tok,
+               teacher_topk_mass=totals["teacher_topk_mass"] / tok)
+  return out
