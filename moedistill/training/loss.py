@@ -13,13 +13,23 @@ Modes (teacher p, student q, at temperature T; I = cached ids):
                same for q from its own full-vocab lse. Exact KL of the bucketed distributions.
   renormalize  p and q both renormalised over I.
   teacher_only p renormalised over I; q full-vocab (sum_I p (log p - log q)).
+  sampled      a sampled cache (cache.mode=sampled): p = the cached target weights w
+               (data/topk_codec.sampled_weights, E[w] = the teacher's full distribution),
+               q full-vocab: KL(w || q) = -sum_I w log q - H(w). H(w) does not depend on the
+               student, so the gradient is that of the cross-entropy to w: (q - w) / T per
+               student logit, whose expectation (q - p_teacher) / T is the full-vocab KD
+               gradient. The value is KL to the empirical w, not to the teacher (it exceeds
+               it on average by E[KL(w || p)]); differences between students are unbiased.
+               The same arithmetic as teacher_only (w already sums to 1); bucket and
+               renormalize would use w as top-k probabilities and are refused for such a
+               cache (config.py).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-MODES = ("bucket", "renormalize", "teacher_only")
+MODES = ("bucket", "renormalize", "teacher_only", "sampled")
 
 
 def _log_tail(logp_nk):
@@ -47,7 +57,7 @@ def kl_terms(t_logit_nk, t_lse_n, s_topk_nk, s_lse_n, temperature, mode):
   logp = jax.nn.log_softmax(zt, axis=-1)
   if mode == "renormalize":
     logq = jax.nn.log_softmax(zs, axis=-1)
-  elif mode == "teacher_only":
+  elif mode in ("teacher_only", "sampled"):
     logq = zs - s_lse_n[:, None]
   else:
     raise ValueError(f"kd mode={mode!r}: expected one of {MODES}")
