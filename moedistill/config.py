@@ -19,7 +19,11 @@ from moedistill.model.moe import BACKENDS
 from moedistill.sharding import MeshConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-KD_MODES = ("bucket", "renormalize", "teacher_only")
+KD_MODES = ("bucket", "renormalize", "teacher_only", "sampled")
+# kd modes a sampled cache supports (its targets are unbiased weights, not top-k
+# probabilities: bucket and renormalize would treat them as the latter; training/loss.py)
+SAMPLED_KD_MODES = ("sampled", "teacher_only")
+TEACHER_MODES = ("cache", "online")  # KD targets: cached top-k, or the teacher in the step
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -99,6 +103,10 @@ class CacheConfig:
   shuffle_chunks: int = 8  # training reads: chunks whose rows are shuffled together
   prefetch: int = 4        # training reads: batches read ahead
   read_lanes: int = 0      # training reads: lanes of chunks (0: the process count, kept)
+  format: str = "plain"    # top-k layout: plain (int32 ids, bf16 logits) | packed (topk_codec)
+  mode: str = "topk"       # topk | sampled (N draws per position, unbiased; topk_codec)
+  samples: int = 0         # sampled: draws per position
+  exact_k: int = 0         # sampled: exact top ids kept besides the draws
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +126,12 @@ class Stage:
   alpha: float
   temperature: float
   warmup_steps: int
+  # The fields whose value came from config.train (the stage left them unset): a refusal
+  # names the field the user set, config.train.<f> for these, config.stages.<name>.<f> else.
+  inherited: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
+
+  def field(self, f: str) -> str:
+    return f"config.train.{f}" if f in self.inherited else f"config.stages.{self.name}.{f}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +152,8 @@ class TrainConfig:
   stages: tuple[Stage, ...]
   k: int = 0  # teacher top-k the loss uses (0 = the cache's k; fewer emulates a top-k' cache)
   restart_from: str = ""  # a checkpoint step directory whose params start a fresh run
+  teacher_mode: str = "cache"  # cache: cached top-k (kd_mode); online: the teacher runs in
+                               # the step, the KD term is the exact full-vocab KL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +180,11 @@ def _data(c, split_cfg, tokenizer, field) -> DataSpec:
   _check(len(src) > 0, f"config.data.{field}.source is empty: expected files or a hub name")
   _check(all(isinstance(x, str) and x for x in src), f"config.data.{field}.source="
          f"{list(src)!r}: expected file paths/globs or one hub dataset name")
-  return DataSpec(source=src, tokenizer=tokenizer, seq_len=c.data.seq_len,
+  return DataSpec(source=src, name=f"config.data.{field}.source", tokenizer=tokenizer,
+                  seq_len=c.data.seq_len,
                   text_field=c.data.text_field, hub_config=split_cfg.hub_config or None,
                   split=split_cfg.split, max_rows=split_cfg.max_rows,
+                  revision=split_cfg.get("revision") or None,
                   block_bytes=c.data.get("block_bytes", 64 * 2**20))
 
 
@@ -185,7 +203,33 @@ def _cache(c) -> CacheConfig:
                      vocab_chunk=cc.vocab_chunk, codec=cc.codec,
                      shuffle_chunks=_positive(cc.get("shuffle_chunks", 8), "cache.shuffle_chunks"),
                      prefetch=_positive(cc.get("prefetch", 4), "cache.prefetch"),
-                     read_lanes=_lanes(cc.get("read_lanes", 0)))
+                     read_lanes=_lanes(cc.get("read_lanes", 0)), **_cache_kind(cc))
+
+
+def _cache_kind(cc) -> dict:
+  """cache.format / mode / samples / exact_k, checked against each other."""
+  fmt = _choice(cc.get("format", "plain"), ("plain", "packed"), "cache.format")
+  mode = _choice(cc.get("mode", "topk"), ("topk", "sampled"), "cache.mode")
+  samples, exact_k = cc.get("samples", 0), cc.get("exact_k", 0)
+  _check(fmt == "plain" or cc.codec == "zstd", "config.cache.format=packed: needs "
+         "config.cache.codec=zstd (each chunk's id stream is padded to its worst case; zstd "
+         "removes the padding)")
+  _check(fmt == "plain" or cc.k <= 256, f"config.cache.k={cc.k}: cache.format=packed holds "
+         "at most 256 entries per position (the argmax position is a uint8)")
+  if mode == "topk":
+    _check(not samples and not exact_k, f"config.cache.samples={samples}, exact_k={exact_k}: "
+           "only for config.cache.mode=sampled")
+    return {"format": fmt}
+  _check(fmt == "plain", "config.cache.format=packed: applies to cache.mode=topk (a sampled "
+         "cache has its own layout)")
+  _check(isinstance(samples, int) and not isinstance(samples, bool) and 1 <= samples <= 255,
+         f"config.cache.samples={samples!r}: expected 1..255 draws per position with "
+         "cache.mode=sampled")
+  _check(isinstance(exact_k, int) and not isinstance(exact_k, bool) and 0 <= exact_k <= cc.k,
+         f"config.cache.exact_k={exact_k!r}: expected 0..config.cache.k={cc.k}")
+  _check(len(cc.temperatures) == 1, f"config.cache.temperatures={list(cc.temperatures)!r}: a "
+         "sampled cache draws at one temperature; give exactly one")
+  return {"format": fmt, "mode": mode, "samples": samples, "exact_k": exact_k}
 
 
 def _number(x) -> bool:
@@ -204,17 +248,38 @@ def _stage(name, s, t) -> Stage:
   _check(len(s.groups) > 0, f"config.stages.{name}.groups is empty: expected (regex, "
          "lr_multiplier[, weight_decay]) entries, e.g. [('.*', 1.0)]")
   groups = [_group(name, g) for g in s.groups]
+  inherited = frozenset(f for f in ("lr", "alpha", "temperature", "warmup_steps")
+                        if s.get(f) is None)
   alpha = t.alpha if s.get("alpha") is None else s.alpha
   temp = t.temperature if s.get("temperature") is None else s.temperature
-  _check(0.0 <= alpha <= 1.0, f"config.stages.{name}.alpha={alpha}: expected a value in [0, 1]")
-  _check(temp > 0, f"config.stages.{name}.temperature={temp}: expected > 0")
+  where = lambda f: f"config.train.{f}" if f in inherited else f"config.stages.{name}.{f}"  # noqa: E731
+  _check(0.0 <= alpha <= 1.0, f"{where('alpha')}={alpha}: expected a value in [0, 1]")
+  _check(temp > 0, f"{where('temperature')}={temp}: expected > 0")
   _check((s.steps > 0) != (s.get("epochs", 0) > 0),
          f"config.stages.{name}: steps={s.steps}, epochs={s.get('epochs', 0)}; set exactly one")
   return Stage(name=name, steps=int(s.steps), epochs=float(s.get("epochs", 0) or 0),
                groups=tuple(groups), lr=float(t.lr if s.get("lr") is None else s.lr),
                alpha=float(alpha), temperature=float(temp),
                warmup_steps=int(t.warmup_steps if s.get("warmup_steps") is None
-                                else s.warmup_steps))
+                                else s.warmup_steps), inherited=inherited)
+
+
+def _kd_against_cache(c, kd_mode, stages, k):
+  """A kd mode needs a cache of its kind: refused by name otherwise."""
+  sampled = c.cache.get("mode", "topk") == "sampled"
+  if not sampled:
+    _check(kd_mode != "sampled", "config.train.kd_mode=sampled: needs a sampled cache "
+           "(config.cache.mode=sampled, cache.samples=N)")
+    return
+  _check(kd_mode in SAMPLED_KD_MODES, f"config.train.kd_mode={kd_mode!r}: a sampled cache "
+         f"(config.cache.mode=sampled) holds unbiased draws, not top-k log-probs; expected one "
+         f"of {list(SAMPLED_KD_MODES)} (bucket and renormalize need cache.mode=topk)")
+  _check(k == 0, f"config.train.k={k}: a sampled cache has no top-k to truncate; expected 0")
+  t_cache = float(c.cache.temperatures[0])
+  for st in stages:
+    _check(abs(st.temperature - t_cache) < 1e-9, f"{st.field('temperature')}="
+           f"{st.temperature}: a sampled cache's draws are from the teacher at its "
+           f"temperature {t_cache} (config.cache.temperatures), and only there unbiased")
 
 
 def _train(c) -> TrainConfig:
@@ -235,11 +300,14 @@ def _train(c) -> TrainConfig:
   k = int(t.get("k", 0) or 0)
   _check(0 <= k <= c.cache.k, f"config.train.k={k}: expected 0 (all) or at most "
          f"config.cache.k={c.cache.k} (a top-k cache emulates any smaller k exactly)")
+  _kd_against_cache(c, t.kd_mode, stages, k)
   return TrainConfig(batch_size=t.batch_size, micro_batches=t.micro_batches, kd_mode=t.kd_mode,
                      vocab_chunk=t.vocab_chunk, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio,
                      weight_decay=t.weight_decay, clip_norm=t.clip_norm, b1=t.b1, b2=t.b2,
                      checkpoint_every=t.checkpoint_every, keep=t.keep, log_every=t.log_every,
-                     stages=stages, k=k, restart_from=t.get("restart_from") or "")
+                     stages=stages, k=k, restart_from=t.get("restart_from") or "",
+                     teacher_mode=_choice(t.get("teacher_mode", "cache"), TEACHER_MODES,
+                                          "train.teacher_mode"))
 
 
 def _ep_capacity_factor(value) -> float:
