@@ -20,6 +20,7 @@ def _split(source, split="train"):
   return ml_collections.ConfigDict(dict(
       source=source,          # local files/globs (json, jsonl, parquet, txt) or a hub name
       hub_config="",          # hub dataset config name ('' = none)
+      revision="",            # hub dataset revision: a branch, tag or commit ('' = main)
       split=split,            # hub dataset split
       max_rows=0,             # keep only the first N packed rows (0 = all)
   ))

@@ -33,12 +33,27 @@ from moedistill.model.config import ModelConfig
 from moedistill.training.vocab_scan import topk_lse
 
 
+HASH_EDGE = 2**20  # bytes hashed at each end of a weight file
+
+
 def teacher_hash(path) -> str:
-  """config.json bytes plus the names and sizes of the weight files (hashing 60 GB of
-  weights would cost more than the check is worth)."""
+  """config.json bytes plus, per weight file, its name, size, safetensors header (every
+  tensor's name, dtype, shape and offsets) and the bytes of its first and last MiB. Reads
+  ~2 MiB a file: a full hash of 60 GB of weights would cost minutes at every start, while a
+  retrained or re-quantized teacher changes the values at the ends of every file (and most
+  often its header), and a file of other tensors changes the header."""
   h = hashlib.sha256(Path(path, "config.json").read_bytes())
   for f in sorted(Path(path).glob("*.safetensors")):
-    h.update(f"{f.name}:{f.stat().st_size}".encode())
+    size = f.stat().st_size
+    h.update(f"{f.name}:{size}".encode())
+    with open(f, "rb") as fh:
+      head = fh.read(8)
+      n = int.from_bytes(head, "little") if len(head) == 8 else 0
+      h.update(head + fh.read(min(n, size)))  # the header
+      fh.seek(0)
+      h.update(fh.read(HASH_EDGE))
+      fh.seek(max(0, size - HASH_EDGE))
+      h.update(fh.read(HASH_EDGE))
   return h.hexdigest()[:16]
 
 

@@ -126,6 +126,14 @@ def compress_model(teacher, comp: Compression, freq_le: dict[int, np.ndarray] | 
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), report
 
 
+def report_json(comp: Compression, report, teacher_dir) -> str:
+  """compression_report.json: what made the student (its compression and the teacher's
+  hash, which `train` compares before reusing it) and the per-layer errors."""
+  from moedistill.cache_logits import teacher_hash
+  return json.dumps({"compression": dataclasses.asdict(comp),
+                     "teacher_hash": teacher_hash(teacher_dir), "layers": report}, indent=2)
+
+
 def print_report(report, teacher_params: int, student_params: int, file=sys.stdout):
   print(f"{'layer':>5} {'gate err':>9} {'up err':>9} {'down err':>9}", file=file)
   for r in report:
@@ -182,8 +190,7 @@ def main(argv):
   if first:
     print_report(report, param_count(teacher), param_count(student))
   hf.save_model(student, out, tokenizer_from=teacher_dir, extra_files={  # process 0 writes
-      "compression_report.json": json.dumps(
-          {"compression": dataclasses.asdict(comp), "layers": report}, indent=2)})
+      "compression_report.json": report_json(comp, report, teacher_dir)})
   if first:
     print(f"wrote {out}")
 

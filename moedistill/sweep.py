@@ -104,12 +104,47 @@ def finish_point(job, p: dict, export, teacher_eval: dict) -> dict:
   from moedistill.data.cache import CacheReader
   from moedistill.report import evaluate_path
   reader = CacheReader(job.cache_path("eval"))
+  from moedistill import atomic_io
   res = {"point": point_name(p), **p, **evaluate_path(job, export, reader)}
   res["kl_gap_to_teacher"] = res["kl"] - teacher_eval["kl"]
-  if jax.process_index() == 0:
-    tmp = Path(job.workdir, "result.json.tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.rename(Path(job.workdir, "result.json"))  # written last: its presence means done
+  res["settings"] = point_settings(job)
+  if jax.process_index() == 0:  # written last: its presence means done
+    atomic_io.write_json(Path(job.workdir, "result.json"), res)
+  return res
+
+
+def point_settings(job) -> dict:
+  """Every setting of a point's job but its workdir, flat ("train.batch_size": 4), as JSON
+  holds it: what result.json records and a rerun compares before reusing it."""
+  import dataclasses
+  out = {}
+
+  def walk(prefix, v):
+    if isinstance(v, dict):
+      for k, x in v.items():
+        walk(f"{prefix}.{k}" if prefix else str(k), x)
+    else:
+      out[prefix] = v
+  walk("", {k: v for k, v in dataclasses.asdict(job).items() if k != "workdir"})
+  return json.loads(json.dumps(out, default=str))
+
+
+def reuse_result(job, p: dict) -> dict | None:
+  """A point's result.json when it was made with the point's settings; None when there is
+  none; a result made with other settings is refused naming the first differing field."""
+  f = Path(job.workdir, "result.json")
+  if not f.exists():
+    return None
+  res = json.loads(f.read_text())
+  old, new = res.get("settings"), point_settings(job)
+  if old is None:
+    raise UserError(f"sweep point {point_name(p)}: {f} records no settings (made by an older "
+                    f"version); delete {job.workdir} to train the point again")
+  for k in list(new) + [k for k in old if k not in new]:
+    if old.get(k) != new.get(k):
+      raise UserError(f"sweep point {point_name(p)}: {f} was made with {k}={old.get(k)!r}, "
+                      f"the config has {new.get(k)!r}; delete {job.workdir} to train the point "
+                      "again, or use another workdir")
   return res
 
 
@@ -205,8 +240,8 @@ def run_sweep(base, grid, batched: str = "off") -> dict:
   reader = CacheReader(job0.cache_path("eval"))
   refs = {"teacher": evaluate_path(job0, job0.teacher, reader),
           "zero_shot": evaluate_path(job0, job0.student_init, reader)}
-  results = {i: json.loads(Path(job.workdir, "result.json").read_text())
-             for i, job in enumerate(jobs) if Path(job.workdir, "result.json").exists()}
+  results = {i: r for i, r in ((i, reuse_result(job, grid[i])) for i, job in enumerate(jobs))
+             if r is not None}
   for i in sorted(results):
     print(f"[{i + 1}/{len(grid)}] {point_name(grid[i])}: done, reused", flush=True)
   for members, todo in plan_groups(jobs, grid, set(results), batched, allowed):
@@ -217,8 +252,9 @@ def run_sweep(base, grid, batched: str = "off") -> dict:
     else:
       print(f"[batched {len(members)}] {names}: training together", flush=True)
       results.update(run_group(jobs, grid, members, todo, mesh, refs["teacher"]))
-  return write_sweep_report(Path(base.workdir) / "sweep", refs,
-                            [results[i] for i in range(len(grid))])
+  return write_sweep_report(Path(base.workdir) / "sweep", refs,  # settings: in result.json
+                            [{k: v for k, v in results[i].items() if k != "settings"}
+                             for i in range(len(grid))])
 
 
 def main(argv):

@@ -45,6 +45,7 @@ def ensure_student(job: Job, mesh):
   compressed there; save_model gathers one param at a time and process 0 writes."""
   path = Path(job.student_init)
   if (path / "config.json").exists():
+    check_student_init(job, path)
     return path
   first = jax.process_index() == 0
   if first:
@@ -54,10 +55,35 @@ def ensure_student(job: Job, mesh):
   if first:
     compress.print_report(report, compress.param_count(teacher), compress.param_count(student))
   del teacher
-  hf.save_model(student, path, tokenizer_from=job.teacher)
+  hf.save_model(student, path, tokenizer_from=job.teacher, extra_files={
+      "compression_report.json": compress.report_json(Compression(*job.ranks), report,
+                                                      job.teacher)})
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices("student init written")
   return path
+
+
+def check_student_init(job: Job, path: Path):
+  """Refuses a zero-shot student made with other ranks or from another teacher than the
+  config's, naming the field: its config.json records the ranks and core, its
+  compression_report.json (when moedistill made it) the teacher's hash."""
+  from moedistill.cache_logits import teacher_hash
+  from moedistill.model.shared_core import PROJS
+  made = json.loads((path / "config.json").read_text()).get("compression")
+  again = (f"delete {path} to build it again, or point student.init_from at a student made "
+           "with this config")
+  if made is not None:
+    for q, want in zip(PROJS, job.ranks):
+      if int(made.get(f"rank_{q}", want)) != want:
+        field = "student.rank" if len(set(job.ranks)) == 1 else f"student.rank_{q}"
+        raise UserError(f"{field}={want}: the zero-shot student at {path} was made with "
+                        f"rank_{q}={made[f'rank_{q}']}; {again}")
+  report = path / "compression_report.json"
+  old = json.loads(report.read_text()).get("teacher_hash") if report.exists() else None
+  if old is not None and old != teacher_hash(job.teacher):
+    raise UserError(f"teacher={job.teacher}: the zero-shot student at {path} was made from a "
+                    f"teacher with other contents (teacher_hash {old}, now "
+                    f"{teacher_hash(job.teacher)}); {again}")
 
 
 def plan_check(job: Job, mesh, device_memory: int | None = None):

@@ -81,3 +81,73 @@ def test_out_of_memory_during_restore_stops_and_deletes_nothing(tmp_path, capsys
   assert ck.damaged == set() and "unreadable" not in capsys.readouterr().err
   ck.close()
   assert listing(path) == before and Checkpoints(path).steps() == [1, 2]
+
+
+# --- 3. reuse only what matches -------------------------------------------------------------
+
+def test_student_init_made_at_rank_4_is_refused_for_a_run_at_rank_8(tmp_path, teacher_dir):
+  from moedistill import sharding, train
+  from moedistill.config import job_from_config
+  from moedistill.errors import UserError
+  job4 = job_from_config(job_config(tmp_path, teacher_dir[0], **{"student.rank": 4}))
+  mesh = sharding.make_mesh(job4.mesh)
+  path = train.ensure_student(job4, mesh)
+  before = {p.name: p.read_bytes() for p in path.iterdir()}
+  assert train.ensure_student(job4, mesh) == path  # the same config reuses it
+  job8 = job_from_config(job_config(tmp_path, teacher_dir[0], **{"student.rank": 8}))
+  with pytest.raises(UserError) as e:
+    train.ensure_student(job8, mesh)
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith("student.rank=8:") and "rank_gate=4" in msg, msg
+  job_up = job_from_config(job_config(tmp_path, teacher_dir[0],
+                                      **{"student.rank": 4, "student.rank_up": 6}))
+  with pytest.raises(UserError, match=r"^student\.rank_up=6: .* rank_up=4"):
+    train.ensure_student(job_up, mesh)
+  assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+
+
+def test_teacher_hash_sees_the_weights_and_student_init_another_teacher(tmp_path, teacher_dir):
+  from moedistill import sharding, train
+  from moedistill.cache_logits import teacher_hash
+  from moedistill.config import job_from_config
+  from moedistill.errors import UserError
+  teacher = teacher_dir[0]
+  job = job_from_config(job_config(tmp_path, teacher, **{"student.rank": 4}))
+  train.ensure_student(job, sharding.make_mesh(job.mesh))
+  h = teacher_hash(teacher)
+  f = teacher / "model.safetensors"
+  data = bytearray(f.read_bytes())
+  data[-3] ^= 0x55  # same names, same size, same header: other weights
+  f.write_bytes(bytes(data))
+  assert teacher_hash(teacher) != h
+  with pytest.raises(UserError, match=r"^teacher=.*: the zero-shot student at .* was made "
+                     "from a teacher with other contents"):
+    train.ensure_student(job, sharding.make_mesh(job.mesh))
+
+
+def test_hub_dataset_fingerprint_includes_its_revision():
+  from moedistill.data.sources import DataSpec, fingerprint
+  import conftest  # noqa: F401 - a tokenizer directory is needed for the hash
+  tok = Path(__file__).parent.parent / "moedistill" / "assets" / "tiny_teacher"
+  a = DataSpec(("org/data",), str(tok), 16, revision="main")
+  b = DataSpec(("org/data",), str(tok), 16, revision="0123abc")
+  assert fingerprint(a, None) != fingerprint(b, None)
+
+
+def test_sweep_reuses_a_result_only_with_the_same_settings(tmp_path, teacher_dir):
+  from moedistill import atomic_io
+  from moedistill.config import job_from_config
+  from moedistill.errors import UserError
+  from moedistill.sweep import point_config, point_settings, reuse_result
+  base = job_config(tmp_path, teacher_dir[0])
+  p = {"alpha": 0.5}
+  job = job_from_config(point_config(base, p))
+  Path(job.workdir).mkdir(parents=True)
+  atomic_io.write_json(Path(job.workdir, "result.json"),
+                       {"point": "a0.5", "kl": 1.0, "settings": point_settings(job)})
+  assert reuse_result(job, p)["kl"] == 1.0
+  base.train.batch_size = 40
+  changed = job_from_config(point_config(base, p))
+  with pytest.raises(UserError, match=r"^sweep point a0\.5: .*result\.json was made with "
+                     r"train\.batch_size=\d+, the config has 40; delete"):
+    reuse_result(changed, p)

@@ -34,6 +34,7 @@ class DataSpec:
   split: str = "train"
   max_rows: int = 0         # 0: all rows
   block_bytes: int = 64 * 2**20  # jsonl/txt piece size
+  revision: str | None = None  # hub dataset: branch, tag or commit (None: main)
 
   def __post_init__(self):
     if self.seq_len < 2:
@@ -70,7 +71,8 @@ def _hub(spec: DataSpec, shard: int | None = None):
   import datasets
   datasets.disable_progress_bars()
   datasets.logging.set_verbosity_error()
-  ds = datasets.load_dataset(spec.source[0], spec.hub_config, split=spec.split, streaming=True)
+  ds = datasets.load_dataset(spec.source[0], spec.hub_config, split=spec.split, streaming=True,
+                             revision=spec.revision)
   return ds if shard is None else ds.shard(num_shards=ds.num_shards, index=shard)
 
 
@@ -232,10 +234,25 @@ def tokenizer_hash(path) -> str:
   return sha(*[sha(p.name, p.read_bytes()) for p in files])
 
 
+def hub_revision(spec: DataSpec) -> str:
+  """The commit a hub dataset's revision (branch or tag, default main) points at now, so new
+  commits on a branch change the fingerprint; where the hub cannot be asked (offline), the
+  revision as configured."""
+  rev = spec.revision or "main"
+  if len(rev) == 40 and all(ch in "0123456789abcdef" for ch in rev):
+    return rev
+  try:
+    from huggingface_hub import HfApi
+    return HfApi().dataset_info(spec.source[0], revision=rev).sha or rev
+  except Exception:  # noqa: BLE001 - offline or unreachable: the configured name
+    return rev
+
+
 def fingerprint(spec: DataSpec, records: list[dict] | None) -> str:
   """What the packed rows are a pure function of: file contents (not their location),
   tokenizer, field, row length, row limit, piece size and packing rule."""
-  src = (sha("hub", spec.source[0], spec.hub_config, spec.split) if records is None
+  src = (sha("hub", spec.source[0], spec.hub_config, spec.split, hub_revision(spec))
+         if records is None
          else sha("files", *[r["sha"] for r in records]))
   return sha(src, tokenizer_hash(spec.tokenizer), spec.text_field, spec.seq_len, spec.max_rows,
              spec.block_bytes, PACKING_VERSION)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moedistill import sharding
+from moedistill import atomic_io, sharding
 from moedistill.config import Job
 from moedistill.training import param_tree as P
 from moedistill.training.train_step import make_train_step
@@ -87,7 +87,7 @@ def split_metrics(group_dir: Path, name: str, point_dir: Path):
     r = json.loads(line)
     own = r.pop("points")[name]
     rows.append(json.dumps({**r, **own}))
-  (point_dir / "metrics.jsonl").write_text("".join(x + "\n" for x in rows))
+  atomic_io.write_text(point_dir / "metrics.jsonl", "".join(x + "\n" for x in rows))
 
 
 def train_group(jobs: list[Job], names: list[str], group_dir: Path, mesh, *,
@@ -97,7 +97,7 @@ def train_group(jobs: list[Job], names: list[str], group_dir: Path, mesh, *,
   from moedistill.data.cache import CacheReader
   gjob = dataclasses.replace(jobs[0], workdir=str(group_dir))
   group_dir.mkdir(parents=True, exist_ok=True)
-  (group_dir / "members.json").write_text(json.dumps(names))
+  atomic_io.write_json(group_dir / "members.json", names, indent=None)
   reader = CacheReader(gjob.cache_path("train"))
   student = train.load(gjob, gjob.student_init, mesh)
   train.check_against_cache(gjob, reader, student.config)

@@ -3,11 +3,12 @@ and top-1 agreement, the best point and its distance from the teacher), a table 
 `sweep.png` (KL against alpha for each temperature, KL against k)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import jax
+
+from moedistill import atomic_io
 
 
 def write_sweep_report(out: Path, refs: dict, results: list[dict]) -> dict:
@@ -24,7 +25,7 @@ def write_sweep_report(out: Path, refs: dict, results: list[dict]) -> dict:
   print(format_table(refs, results))
   print(f"best: {best['point']} (KL {best['kl']:.4f} vs teacher {t['kl']:.4f}, "
         f"ppl {best['ppl']:.3f} = {best['ppl'] / t['ppl']:.3f}x the teacher's)")
-  (out / "report.json").write_text(json.dumps(report, indent=2))
+  atomic_io.write_json(out / "report.json", report)
   plot(out, results)
   return report
 
