@@ -29,6 +29,7 @@ from moedistill.data import cache, tokens
 from moedistill.data.sources import load_tokenizer
 from moedistill.errors import ConfigError, UserError
 from moedistill.hub import hf
+from moedistill.model import resolve
 from moedistill.model.config import ModelConfig
 from moedistill.training.vocab_scan import topk_lse
 
@@ -105,7 +106,16 @@ def check_inputs(job: Job, tokenizer_vocab: int, cfg: ModelConfig):
                       f"{cfg.vocab_size}")
 
 
+def check_exact(rt, mesh):
+  """A teacher cache is reused by every later run without a sign of how it was made: refuse
+  (one line) a Runtime that may drop token copies, rather than cache inexact logits."""
+  why = resolve.drops(rt, dict(mesh.shape).get("expert", 1))
+  if why is not None:
+    raise ConfigError(f"teacher cache: {why}")
+
+
 def make_forward(teacher, mesh, job: Job):
+  check_exact(teacher.runtime, mesh)
   graphdef, state = nnx.split(teacher)
   jitted = forward_program(graphdef, mesh, job)
   return lambda tokens, segs: jitted(state, tokens, segs)
@@ -114,6 +124,7 @@ def make_forward(teacher, mesh, job: Job):
 def forward_program(graphdef, mesh, job: Job):
   """The jitted teacher forward (state, tokens, segment ids) -> (top-k logits, ids, lse);
   also what `moedistill.plan` compiles with abstract inputs."""
+  check_exact(job.model, mesh)  # `auto` never resolves to a dropping backend
   k, temps, chunk = job.cache.k, job.cache.temperatures, job.cache.vocab_chunk
   bs3 = sharding.batch_sharding(mesh, 3)
 
@@ -183,6 +194,9 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None, tea
   (benchmarks) stands in for the tokens phase."""
   spec = job.train_data if split == "train" else job.eval_data
   path = job.cache_path(split)
+  if phase != "tokens":  # before any work: refuse a dropping backend (make_forward checks too)
+    check_exact(job.model if teacher is None else teacher.runtime,
+                mesh or sharding.make_mesh(job.mesh))
   if tokens_meta is None:
     if phase != "tokens" and not (overwrite or checked) and finished(job, split, verify):
       return path
@@ -201,6 +215,7 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None, tea
   if teacher is None:
     teacher, _ = hf.load_model(job.teacher, job.model, put=sharding.sharded_put(mesh))
   fwd = make_forward(teacher, mesh, job)
+  meta["teacher_runtime"] = resolve.record(teacher.runtime)  # dropless: make_forward checked
   stats = _write_pending(job, meta, arrays, fwd, mesh, path, progress and p == 0)
   multihost_utils.sync_global_devices(f"cache {path} written")
   if p == 0:

@@ -19,6 +19,7 @@ from moedistill.config import Job
 from moedistill.data.cache import CacheReader
 from moedistill.training.held_out import evaluate_model
 from moedistill.hub import hf
+from moedistill.model import resolve
 
 ROWS = (("teacher", "teacher"), ("student_init", "zero-shot student"),
         ("student_distilled", "distilled student"))
@@ -31,7 +32,9 @@ def evaluate_path(job: Job, path, reader: CacheReader, mesh=None, teacher=None) 
   on that mesh) the figures add the exact full-vocab KL `kl_full` (evaluate_model)."""
   mesh = mesh or sharding.make_mesh(job.mesh)
   temperature = 1.0 if reader.temperature_index(1.0) is not None else reader.meta["temperatures"][0]
-  model, _ = hf.load_model(path, job.model, put=sharding.sharded_put(mesh))
+  # Exact figures even when training trades drops for speed (capacity): evaluate_model
+  # refuses a dropping Runtime, so the report evaluates with its dropless counterpart.
+  model, _ = hf.load_model(path, resolve.dropless(job.model), put=sharding.sharded_put(mesh))
   return evaluate_model(model, reader, temperature=temperature, mesh=mesh, teacher=teacher,
                         vocab_chunk=job.train.vocab_chunk)
 
@@ -45,7 +48,8 @@ def write_report(job: Job, mesh=None) -> dict:
   mesh = mesh or sharding.make_mesh(job.mesh)
   paths = {"teacher": job.teacher, "student_init": job.student_init,
            "student_distilled": workdir / "export"}
-  teacher = hf.load_model(job.teacher, job.model, put=sharding.sharded_put(mesh))[0]
+  teacher = hf.load_model(job.teacher, resolve.dropless(job.model),
+                          put=sharding.sharded_put(mesh))[0]
   report = {key: evaluate_path(job, path, reader, mesh, teacher)
             for key, path in paths.items()}
   del teacher

@@ -25,7 +25,9 @@ CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 * 2**20}})
 # Data written or read once (the tokens phase): caching decoded chunks would only hold memory.
 # A child of CONTEXT, so it shares the other resources (a memory:// store lives in one).
 ONCE = ts.Context({"cache_pool": {"total_bytes_limit": 0}}, CONTEXT)
-IGNORED_FIELDS = ("complete", "stats")  # may differ between an interrupted and a resumed run
+# May differ between an interrupted and a resumed run (teacher_runtime: the resolved MoE backend
+# and device, which every exact backend may differ in without changing the cache's meaning).
+IGNORED_FIELDS = ("complete", "stats", "teacher_runtime")
 
 
 def kvstore_url(path: str) -> str:

@@ -178,8 +178,31 @@ def drops(rt, expert_shards: int = 1) -> str | None:
   all-to-all buffers when the mesh has an expert axis (overflow dropped)."""
   if rt.moe_backend == "capacity":
     return (f"config.model.moe_backend='capacity' drops token copies past each expert's "
-            f"capacity (capacity_factor={rt.capacity_factor})")
+            f"capacity (capacity_factor={rt.capacity_factor}); expected a dropless backend: "
+            "auto, sorted, ragged, pallas or mgpu")
   if rt.ep_capacity_factor > 0 and expert_shards > 1:
     return (f"config.model.ep_capacity_factor={rt.ep_capacity_factor} drops token copies that "
-            f"overflow the expert all-to-all buffers (mesh.expert={expert_shards})")
+            f"overflow the expert all-to-all buffers (mesh.expert={expert_shards}); expected 0 "
+            "(worst-case buffers, dropless)")
   return None
+
+
+def dropless(rt):
+  """rt with its dropping settings replaced by exact ones (`capacity` -> `auto`, bounded expert
+  buffers -> worst case): for figures that must be exact even when training trades drops for
+  speed (the report after `train`)."""
+  return dataclasses.replace(
+      rt, moe_backend="auto" if rt.moe_backend == "capacity" else rt.moe_backend,
+      ep_capacity_factor=0.0)
+
+
+def record(rt) -> dict:
+  """What a cache's metadata.json keeps of the Runtime that computed it: the resolved MoE
+  backend (and capacity_factor where it is `capacity`), attention, compute dtype, device."""
+  import jax.numpy as jnp
+  t = target()
+  out = {"moe_backend": rt.moe_backend, "attention": rt.attention,
+         "dtype": jnp.dtype(rt.dtype).name, "platform": t.platform, "device_kind": t.device_kind}
+  if rt.moe_backend == "capacity":
+    out["capacity_factor"] = rt.capacity_factor
+  return out

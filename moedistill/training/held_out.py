@@ -12,7 +12,8 @@ from flax import nnx
 
 from moedistill import sharding
 from moedistill.data.cache import CacheReader
-from moedistill.errors import UserError
+from moedistill.errors import ConfigError, UserError
+from moedistill.model import resolve
 from moedistill.training.train_step import StepConfig, micro_loss
 
 
@@ -92,6 +93,12 @@ def evaluate_model(model, reader: CacheReader, *, temperature: float = 1.0,
     raise UserError(f"evaluate: temperature={temperature} is not cached in {reader.path} "
                     f"(cached: {reader.meta['temperatures']})")
   reader.validate(vocab_size=model.config.vocab_size, seq_len=reader.meta["seq_len"])
+  # Held-out figures must be exact: refuse (one line) a Runtime that may drop token copies.
+  shards = 1 if mesh is None else dict(mesh.shape).get("expert", 1)
+  for m in (model, teacher):
+    why = None if m is None else resolve.drops(m.runtime, shards)
+    if why is not None:
+      raise ConfigError(f"evaluate: {why}")
   fn = make_eval_fn(model, temperature, t_index, mesh=mesh)
   full = None
   if teacher is not None:
