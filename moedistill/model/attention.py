@@ -1,5 +1,6 @@
-"""Causal self-attention behind one function: `plain` (XLA), `blocked` (flash-style, pure JAX)
-and `cudnn` (cuDNN's fused flash attention, NVIDIA GPUs only).
+"""Causal self-attention behind one function: `plain` (XLA), `blocked` (flash-style, pure JAX),
+`cudnn` (cuDNN's fused flash attention, NVIDIA GPUs only) and `pallas` (jax's Pallas GPU flash
+attention with segment ids, model/pallas_attention.py; interpret mode on CPU).
 
 Legend: b batch, t positions, n query heads, g kv heads, r = n/g query heads per kv head,
 h head dim; q/k a query/key block of `block` positions, nq/nk the number of such blocks.
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from moedistill.errors import ConfigError
+from moedistill.model import pallas_attention
 
 IMPLS = ("auto", "plain", "blocked", "cudnn", "pallas")
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) is 0 and never NaN (no inf - inf)
@@ -54,8 +56,11 @@ def attention(q_btnh, k_btgh, v_btgh, segment_ids_bt=None, *, impl: str = "plain
     b, t = q_btnh.shape[:2]
     segs = jnp.zeros((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
     return blocked(q_btnh, k_btgh, v_btgh, segs.astype(jnp.int32), block, block)
+  if impl == "pallas":  # Pallas GPU flash attention (Triton); interpret mode on CPU
+    return pallas_attention.attention(q_btnh, k_btgh, v_btgh, segment_ids_bt)
   if impl not in ("plain", "cudnn"):
-    raise ConfigError(f"attention impl={impl!r}: expected plain, blocked or cudnn (resolved)")
+    raise ConfigError(f"attention impl={impl!r}: expected plain, blocked, cudnn or pallas "
+                      "(resolved)")
   mask = None
   if segment_ids_bt is not None:
     # cuDNN turns this into a [b, 1, t, t] bias (one per row, not per head); the scores and

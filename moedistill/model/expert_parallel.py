@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moedistill.errors import ConfigError
-from moedistill.model import moe
+from moedistill.model import moe, pallas_gmm
 from moedistill.sharding import BATCH_AXES, spec_for
 
 SWITCH = "MOEDISTILL_EXPERT_PARALLEL"
@@ -179,6 +179,12 @@ def _varying(w):
 def moe_block(mesh, block, x_btd):
   """MoeBlock.__call__ under shard_map: (y_btd, router_logits_bte f32, dropped copies)."""
   check(block.e, mesh, x_btd.shape[0], block.rt.ep_capacity_factor)
+  if block.rt.moe_backend == "pallas" and pallas_gmm.interpret():
+    # jax 0.10.2's Pallas interpreter cannot run under shard_map (its block slicing mixes
+    # varying and unvarying operands); the Triton path lowers there (checked for CUDA).
+    raise ConfigError("moe_backend='pallas' with a mesh (shard_map) needs a GPU: Pallas "
+                      "interpret mode cannot run under shard_map; expected moe_backend=sorted "
+                      "on CPU")
   graphdef, state = nnx.split(block.experts)
   flat = list(nnx.to_flat_state(state))
   w_specs = [spec_for(v.get_value().shape, v.get_metadata().get("logical_axes"), mesh)

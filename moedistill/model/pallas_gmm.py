@@ -27,6 +27,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+# Under shard_map: the manual axes arrays vary over, and cotangents typed as their primals.
+from moedistill.model.gmm import _typed_as, _vary, _varying_axes
+
 BLOCK = 64  # largest block along k and f
 MIN_BLOCK = 16  # Triton's dot needs M, N, K >= 16
 
@@ -71,6 +74,19 @@ def _pad_to(x, axis: int, block: int):
   return jnp.pad(x, widths)
 
 
+def _call(kernel, out_shape, dtype, args, **kw):
+  """pl.pallas_call over `args`. Under shard_map every operand is marked varying over the
+  manual axes any of them varies over, and so is the output (pallas_call needs its output's
+  type spelled out there)."""
+  axes = _varying_axes(*args)
+  out = jax.ShapeDtypeStruct(out_shape, dtype,
+                             manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+  return pl.pallas_call(
+      kernel, out_shape=out, interpret=interpret(),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), **kw,
+  )(*(_vary(a, axes) for a in args))
+
+
 def _mm_kernel(te_ref, live_ref, a_ref, w_ref, o_ref, *, bc, nc, transpose_rhs):
   """One (row tile, out block): o = a_tile @ w[e] (w[e]^T with transpose_rhs) in float32."""
   i, j = pl.program_id(0), pl.program_id(1)
@@ -106,19 +122,17 @@ def _tiled_mm(a_pc, w, tile_expert_n, live, *, transpose_rhs: bool):
               bc if transpose_rhs else bo)
   cp = a.shape[1]
   op = w.shape[1] if transpose_rhs else w.shape[2]
-  out = pl.pallas_call(
+  out = _call(
       functools.partial(_mm_kernel, bc=bc, nc=cp // bc, transpose_rhs=transpose_rhs),
+      (p, op), a_pc.dtype,
+      (tile_expert_n.astype(jnp.int32), jnp.reshape(live, (1,)).astype(jnp.int32), a, w),
       grid=(n, op // bo),
       in_specs=[pl.BlockSpec((1,), lambda i, j: (i,)),
                 pl.BlockSpec((1,), lambda i, j: (0,)),
                 pl.BlockSpec((tm, cp), lambda i, j: (i, 0)),
                 pl.BlockSpec(w.shape, lambda i, j: (0, 0, 0))],
       out_specs=pl.BlockSpec((tm, bo), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((p, op), a_pc.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-      interpret=interpret(),
-      name="gmm_dx" if transpose_rhs else "gmm",
-  )(tile_expert_n.astype(jnp.int32), jnp.reshape(live, (1,)).astype(jnp.int32), a, w)
+      name="gmm_dx" if transpose_rhs else "gmm")
   return out[:, :o]
 
 
@@ -155,19 +169,16 @@ def _tiled_tmm(x_pk, dy_pf, tile_expert_n, live, num_experts: int):
   dy = _pad_to(dy_pf.astype(x_pk.dtype), 1, bf)
   kp, fp = x.shape[1], dy.shape[1]
   start, end = _expert_tiles(tile_expert_n, live, num_experts)
-  out = pl.pallas_call(
-      functools.partial(_tmm_kernel, tm=tm),
+  out = _call(
+      functools.partial(_tmm_kernel, tm=tm), (num_experts, kp, fp), jnp.float32,
+      (start, end, x, dy),
       grid=(num_experts, kp // bk, fp // bf),
       in_specs=[pl.BlockSpec((1,), lambda e, i, j: (e,)),
                 pl.BlockSpec((1,), lambda e, i, j: (e,)),
                 pl.BlockSpec((p, kp), lambda e, i, j: (0, 0)),
                 pl.BlockSpec((p, fp), lambda e, i, j: (0, 0))],
       out_specs=pl.BlockSpec((None, bk, bf), lambda e, i, j: (e, i, j)),
-      out_shape=jax.ShapeDtypeStruct((num_experts, kp, fp), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-      interpret=interpret(),
-      name="gmm_dw",
-  )(start, end, x, dy)
+      name="gmm_dw")
   return out[:, :k, :f]
 
 
@@ -193,7 +204,6 @@ def _gmm_fwd(x_pk, w_ekf, tile_expert_n, live):
 
 
 def _gmm_bwd(res, dy_pf):
-  from moedistill.model.gmm import _typed_as  # shard_map: cotangents typed as their primals
   x_pk, w_ekf, tile_expert_n, live = res
   dy = dy_pf.astype(x_pk.dtype)
   dx = _tiled_mm(dy, w_ekf, tile_expert_n, live, transpose_rhs=True)
