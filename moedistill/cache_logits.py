@@ -27,10 +27,11 @@ from moedistill import sharding
 from moedistill.config import Job
 from moedistill.data import cache, tokens
 from moedistill.data.sources import load_tokenizer
-from moedistill.errors import ConfigError, UserError
+from moedistill.errors import ConfigError, UserError, reason
 from moedistill.hub import hf
 from moedistill.model import resolve
 from moedistill.model.config import ModelConfig
+from moedistill.training.vocab_sample import sample_ids
 from moedistill.training.vocab_scan import topk_lse
 
 
@@ -62,7 +63,7 @@ def make_metadata(job: Job, spec, cfg: ModelConfig, tokens_meta: dict) -> dict:
   """The cache's metadata: the logits phase's settings plus what the tokens phase made."""
   c = job.cache
   k, s = c.k, len(c.temperatures)
-  return {
+  return _kind_metadata(job, cfg.vocab_size, {
       "format": cache.FORMAT, "teacher": job.teacher, "teacher_hash": teacher_hash(job.teacher),
       "tokenizer_hash": tokens_meta["tokenizer_hash"],
       "data_fingerprint": tokens_meta["data_fingerprint"],
@@ -72,7 +73,36 @@ def make_metadata(job: Job, spec, cfg: ModelConfig, tokens_meta: dict) -> dict:
       "dtypes": {"tokens": "int32", "segment_ids": "int32", "topk_idx": "int32",
                  "topk_logit": "bfloat16", "lse": "float32"},
       "bytes_per_token_raw": 8 + k * 6 + 4 * s, "complete": False,
-  }
+  })
+
+
+def _kind_metadata(job: Job, vocab: int, meta: dict) -> dict:
+  """A packed or sampled cache's fields (data/topk_codec.py); a plain cache's metadata is
+  exactly what it was before formats existed, so old caches stay `finished`."""
+  c = job.cache
+  if c.format == "plain" and c.mode == "topk":
+    return meta
+  from moedistill.data import topk_codec
+  positions = c.rows_per_chunk * meta["seq_len"]
+  if c.mode == "sampled":
+    e, n = c.exact_k, c.samples
+    cap = topk_codec.stream_cap(positions, n, vocab)
+    meta.update(format=cache.SAMPLED_FORMAT, k=e + n, samples=n, exact_k=e, sample_seed=job.seed,
+                id_stream_bytes=cap, dtypes={"tokens": "int32", "segment_ids": "int32",
+                                             "rice_b": "uint8", "sample_count": "uint8",
+                                             "packed_ids": "uint8", **({"topk_idx": "int32",
+                                             "topk_logit": "bfloat16", "lse": "float32"}
+                                                                      if e else {})},
+                bytes_per_token_raw=8 + 1 + n + (6 * e + 4 if e else 0) + cap / positions)
+  else:
+    cap = topk_codec.stream_cap(positions, c.k, vocab)
+    meta.update(format=cache.PACKED_FORMAT, value_step=topk_codec.STEP, id_stream_bytes=cap,
+                dtypes={"tokens": "int32", "segment_ids": "int32", "rice_b": "uint8",
+                        "packed_ids": "uint8", "topk_code": "uint8", "topk_top": "uint8",
+                        "lse": "float32"},
+                bytes_per_token_raw=8 + 2 + c.k + 4 * len(c.temperatures) + cap / positions)
+  meta["bytes_per_token_raw"] = round(meta["bytes_per_token_raw"], 2)
+  return meta
 
 
 def finished(job: Job, split: str, verify: bool = False) -> bool:
@@ -118,7 +148,7 @@ def make_forward(teacher, mesh, job: Job):
   check_exact(teacher.runtime, mesh)
   graphdef, state = nnx.split(teacher)
   jitted = forward_program(graphdef, mesh, job)
-  return lambda tokens, segs: jitted(state, tokens, segs)
+  return lambda tokens, segs, *u: jitted(state, tokens, segs, *u)
 
 
 def forward_program(graphdef, mesh, job: Job):
@@ -127,20 +157,37 @@ def forward_program(graphdef, mesh, job: Job):
   check_exact(job.model, mesh)  # `auto` never resolves to a dropping backend
   k, temps, chunk = job.cache.k, job.cache.temperatures, job.cache.vocab_chunk
   bs3 = sharding.batch_sharding(mesh, 3)
+  sampled, e = job.cache.mode == "sampled", job.cache.exact_k
+  if sampled:  # sampled: the exact top ids (at least one: the argmax), then N draws
+    k = max(e, 1)
 
-  def fwd(state, tokens_bt, segs_bt):
+  def fwd(state, tokens_bt, segs_bt, *u_btn):
     model = nnx.merge(graphdef, state)
     h_btd, _ = model.hidden(tokens_bt, segs_bt)
     b, t, d = h_btd.shape
     v, i, lse = topk_lse(h_btd.reshape(b * t, d), model.lm_head_kernel(), k, temps, chunk)
+    if sampled:  # u: uniforms of each row chunk (_uniforms); drawn before the shift below
+      ids = sample_ids(h_btd.reshape(b * t, d), model.lm_head_kernel(),
+                       u_btn[0].reshape(b * t, -1), lse[:, 0], temps[0], chunk,
+                       i[:, :e] if e else None, v[:, :e] if e else None).reshape(b, t, -1)
     # Store logits minus the row max (and each lse of the shifted logits): the teacher's
     # distributions are shift-invariant, and the top logits, which carry the mass, keep
     # bf16 precision (raw logits of ~20 round by up to 0.06 in bf16: see README).
     top = v[:, :1]
     lse = lse - top / jnp.asarray(temps, jnp.float32)[None, :]
-    return (v - top).reshape(b, t, k), i.reshape(b, t, k), lse.reshape(b, t, -1)
+    out = (v - top).reshape(b, t, k), i.reshape(b, t, k), lse.reshape(b, t, -1)
+    return (*out, ids) if sampled else out
 
-  return jax.jit(sharding.on_mesh(mesh, fwd), out_shardings=(bs3, bs3, bs3))
+  return jax.jit(sharding.on_mesh(mesh, fwd), out_shardings=(bs3,) * (4 if sampled else 3))
+
+
+def uniforms(job: Job, chunks, R: int, L: int):
+  """The sampled cache's uniforms for this process's `chunks` of a step, [len x R, L, N]:
+  chunk c's from a generator seeded (job.seed, c) alone, so a rebuild or a resumed run
+  draws the same ids for it whatever the step or process computes it."""
+  n = job.cache.samples
+  return np.concatenate([np.random.default_rng([job.seed, max(int(c), 0)]).random((R, L, n))
+                         for c in chunks]).astype(np.float32)
 
 
 def _prepare(path, meta, overwrite: bool) -> bool:
@@ -153,18 +200,18 @@ def _prepare(path, meta, overwrite: bool) -> bool:
                       f"({old.get(diff)!r} vs {meta.get(diff)!r}); pass --overwrite to replace it")
     if old.get("complete"):
       return True
-    cache.open_arrays(path, meta, names=cache.LOGIT_ARRAYS)
+    cache.open_arrays(path, meta, names=cache.logit_arrays(meta))
     return False
   try:
     kv = cache.kvstore(path)
     if old is not None:
       kv.delete_range(ts.KvStore.KeyRange("metadata.json", "metadata.json\0")).result()
-      for name in cache.LOGIT_ARRAYS:
+      for name in cache.ALL_LOGIT_ARRAYS:
         kv.delete_range(ts.KvStore.KeyRange(name + "/", name + "0")).result()
-    cache.open_arrays(path, meta, create=True, names=cache.LOGIT_ARRAYS)
+    cache.open_arrays(path, meta, create=True, names=cache.logit_arrays(meta))
     cache.write_metadata(path, meta)
   except (ValueError, OSError) as e:
-    raise UserError(f"cache.path={path}: cannot write ({str(e).splitlines()[0][:160]})") from None
+    raise UserError(f"cache.path={path}: cannot write ({reason(e)})") from None
   return False
 
 
@@ -220,7 +267,7 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None, tea
   multihost_utils.sync_global_devices(f"cache {path} written")
   if p == 0:
     meta["complete"] = True
-    meta["stats"] = stats
+    meta["stats"] = {**stats, "bytes_per_token_disk": cache.bytes_per_token_on_disk(path, meta)}
     cache.write_metadata(path, meta)
   multihost_utils.sync_global_devices(f"cache {path} complete")
   return path
@@ -277,10 +324,12 @@ def _write_pending(job, meta, arrays, fwd, mesh, path, show):
     tok, seg = _gather(nxt, R, L)
     if k + 1 < len(steps):
       nxt = _read_step(arrays, steps[k + 1][p * per:(p + 1) * per], R, n)
-    v, i, lse = fwd(sharding.global_batch(mesh, tok), sharding.global_batch(mesh, seg))
+    u = ([sharding.global_batch(mesh, uniforms(job, mine, R, L))]
+         if job.cache.mode == "sampled" else [])
+    out = fwd(sharding.global_batch(mesh, tok), sharding.global_batch(mesh, seg), *u)
     _finish(arrays, inflight)  # previous step's writes overlapped this step's compute
-    v, i, lse = (sharding.local_rows(x) for x in (v, i, lse))
-    inflight = [(c, _write_chunk(arrays, c, j, R, rows_of(c), v, i, lse))
+    out = [sharding.local_rows(x) for x in out]
+    inflight = [(c, _write_chunk(arrays, c, j, R, rows_of(c), *out, meta=meta))
                 for j, c in enumerate(mine) if rows_of(c)]
     step_rows = sum(rows_of(c) for c in step)
     tokens_done += step_rows * L
@@ -295,11 +344,36 @@ def _write_pending(job, meta, arrays, fwd, mesh, path, show):
           if dt > 0 and tokens_done > tokens_first else None}
 
 
-def _write_chunk(arrays, c, j, R, m, v, i, lse):
+def _write_chunk(arrays, c, j, R, m, v, i, lse, ids=None, meta=None):
   sl, rs = slice(c * R, c * R + m), slice(j * R, j * R + m)
+  if meta is not None and meta["format"] != cache.FORMAT:
+    return _write_coded_chunk(arrays, c, sl, meta, v[rs], i[rs], lse[rs],
+                              None if ids is None else ids[rs])
   return [arrays["topk_idx"][sl].write(i[rs]),
           arrays["topk_logit"][sl].write(v[rs].astype(arrays["topk_logit"].dtype.numpy_dtype)),
           arrays["lse"][sl].write(lse[rs])]
+
+
+def _write_coded_chunk(arrays, c, sl, meta, v, i, lse, ids):
+  """A packed or sampled chunk (data/topk_codec.py), encoded on the host."""
+  from moedistill.data import topk_codec
+  m, L = v.shape[:2]
+  P = m * L
+  if meta["format"] == cache.PACKED_FORMAT:
+    stream, a = topk_codec.encode_topk(i.reshape(P, -1), v.reshape(P, -1), lse.reshape(P, -1),
+                                       meta["temperatures"])
+    a = {"rice_b": a["rice_b"].reshape(m, L), "topk_code": a["topk_code"].reshape(m, L, -1),
+         "topk_top": a["topk_top"].reshape(m, L), "lse": a["lse"].reshape(m, L, -1)}
+  else:
+    stream, a = topk_codec.encode_sampled(ids.reshape(P, -1))
+    a = {"rice_b": a["rice_b"].reshape(m, L), "sample_count": a["sample_count"].reshape(m, L, -1)}
+    if meta["exact_k"]:
+      e = meta["exact_k"]
+      a.update(topk_idx=i[..., :e], topk_logit=v[..., :e].astype(
+          arrays["topk_logit"].dtype.numpy_dtype), lse=lse[..., :1])
+  futs = [arrays[n][sl].write(x) for n, x in a.items()]
+  return futs + [arrays["packed_ids"][c].write(
+      topk_codec.put_stream(stream, meta["id_stream_bytes"]))]
 
 
 def _finish(arrays, inflight):

@@ -170,14 +170,24 @@ def abstract_model(cfg: ModelConfig, rt: Runtime, comp: Compression | None, mesh
       for k, v in params.items()}
 
 
-def batch_specs(mesh, rows: int, seq_len: int, k: int, n_temps: int) -> dict:
+def cache_batch_shape(c) -> tuple[int, int, object]:
+  """(entries per position, lse columns, logit dtype) of the batches a cache of config `c`
+  feeds: a sampled cache's exact_k + samples weights (float32, one temperature), a packed
+  cache's decoded float32 logits, a plain cache's bf16 (data/cache.py CacheReader.decode)."""
+  if c.mode == "sampled":
+    return c.exact_k + c.samples, 1, jnp.float32
+  return c.k, len(c.temperatures), jnp.float32 if c.format == "packed" else jnp.bfloat16
+
+
+def batch_specs(mesh, rows: int, seq_len: int, k: int, n_temps: int,
+                logit_dtype=jnp.bfloat16) -> dict:
   """Abstract cache batch, sharded over the batch axes as train and eval feed it."""
   def sds(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
   return {"tokens": sds((rows, seq_len), jnp.int32),
           "segment_ids": sds((rows, seq_len), jnp.int32),
           "topk_idx": sds((rows, seq_len, k), jnp.int32),
-          "topk_logit": sds((rows, seq_len, k), jnp.bfloat16),
+          "topk_logit": sds((rows, seq_len, k), logit_dtype),
           "lse": sds((rows, seq_len, n_temps), jnp.float32)}
 
 
@@ -228,8 +238,12 @@ def cache_program(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> Program:
                       f"per step, not divisible by the mesh's {sharding.batch_divisor(mesh)} "
                       "batch shards")
   tok = batch_specs(mesh, rows, job.train_data.seq_len, 1, 1)["tokens"]
+  # a sampled cache's forward also takes the draws' uniforms [rows, seq_len, samples]
+  u = ([jax.ShapeDtypeStruct((rows, job.train_data.seq_len, job.cache.samples), jnp.float32,
+                             sharding=sharding.batch_sharding(mesh, 3))]
+       if job.cache.mode == "sampled" else [])
   fn = forward_program(graphdef, mesh, job)
-  return Program("cache_forward", lambda: lower(fn, state, tok, tok), device_bytes(params))
+  return Program("cache_forward", lambda: lower(fn, state, tok, tok, *u), device_bytes(params))
 
 
 def compress_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Program]:
@@ -252,13 +266,19 @@ def compress_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Pro
 
 
 def train_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Program]:
-  """Each stage's train step: trainable params, frozen params, Adam state, one global batch."""
+  """Each stage's train step: trainable params, frozen params, Adam state, one global batch;
+  with train.teacher_mode=online also the teacher's params (an input of the step, so both
+  models are resident and counted in its argument bytes)."""
   from moedistill.training.trainer import jit_train_step, step_config
   graphdef, template, params = abstract_model(cfg, rt, Compression(*job.ranks), mesh)
+  teacher_def, teacher = None, {}
+  if job.train.teacher_mode == "online":
+    t_graphdef, t_template, teacher = abstract_model(cfg, rt, None, mesh)
+    teacher_def = (t_graphdef, t_template)
   shapes = {k: v.shape for k, v in params.items()}
   c = job.cache
-  batch = batch_specs(mesh, job.train.batch_size, job.train_data.seq_len, c.k,
-                      len(c.temperatures))
+  batch = batch_specs(mesh, job.train.batch_size, job.train_data.seq_len,
+                      *cache_batch_shape(c))
   out = []
   for stage in job.train.stages:
     tx, paths, _ = optim.build(stage, job.train, shapes, max(stage.steps, 1))
@@ -269,10 +289,12 @@ def train_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Progra
     t_index = c.temperatures.index(stage.temperature) if stage.temperature in c.temperatures \
         else None
     fn = jit_train_step(graphdef, template, tx, step_config(job, stage, cfg, t_index), tr, opt,
-                        mesh)
+                        mesh, teacher_def)
+    args = (batch,) if teacher_def is None else (batch, teacher)
+    # params: the student's and, online, the teacher's (both resident during the step)
     out.append(Program(f"train_{stage.name}",
-                       lambda fn=fn, tr=tr, fr=fr, opt=opt: lower(fn, tr, fr, opt, batch),
-                       device_bytes(params), device_bytes(opt)))
+                       lambda fn=fn, tr=tr, fr=fr, opt=opt: lower(fn, tr, fr, opt, *args),
+                       device_bytes(params) + device_bytes(teacher), device_bytes(opt)))
   return out
 
 
@@ -284,9 +306,10 @@ def eval_program(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> Program:
   graphdef, template, params = abstract_model(cfg, rt, None, mesh)
   state = _abstract_state(template, params)
   c = job.cache
-  batch = batch_specs(mesh, held_out.eval_batch_size(mesh, 8), job.train_data.seq_len, c.k,
-                      len(c.temperatures))
-  fn = held_out.eval_program(graphdef, cfg, c.temperatures[0], 0, mesh=mesh)
+  batch = batch_specs(mesh, held_out.eval_batch_size(mesh, 8), job.train_data.seq_len,
+                      *cache_batch_shape(c))
+  fn = held_out.eval_program(graphdef, cfg, c.temperatures[0], 0, mesh=mesh,
+                             mode="sampled" if c.mode == "sampled" else "bucket")
   return Program("eval", lambda: lower(fn, state, batch), device_bytes(params))
 
 

@@ -6,6 +6,10 @@ At `path` (a directory or kvstore URL):
   lse [n, L, s] f32 (full-vocab logsumexp of the same shifted logits / T, for each cached T),
   done [n_chunks] uint8 (the resume map), metadata.json.
 p_i = exp(topk_logit_i / T - lse_T) is the teacher's exact probability at T.
+That is the `plain` format (FORMAT). Two more (data/topk_codec.py has their layouts): `packed`
+(PACKED_FORMAT: Rice-coded sorted ids, uint8 log-prob codes) and `sampled` (SAMPLED_FORMAT:
+unique drawn ids and counts); the reader decodes both into the same tokens / segment_ids /
+topk_idx / topk_logit / lse arrays a plain cache gives (`CacheReader.decode`).
 Arrays are chunked along rows (`rows_per_chunk`); every chunk carries a crc32c checksum, so a
 damaged chunk is detected on read and reported with its rows.
 """
@@ -18,9 +22,12 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from moedistill.errors import UserError
+from moedistill.errors import UserError, reason
 
 FORMAT = "moedistill-topk-v2"  # v2: logits stored shifted by the row max
+PACKED_FORMAT = "moedistill-topk-packed-v1"
+SAMPLED_FORMAT = "moedistill-sampled-v1"
+KINDS = {FORMAT: "plain", PACKED_FORMAT: "packed", SAMPLED_FORMAT: "sampled"}
 CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 * 2**20}})
 # Data written or read once (the tokens phase): caching decoded chunks would only hold memory.
 # A child of CONTEXT, so it shares the other resources (a memory:// store lives in one).
@@ -75,12 +82,34 @@ def token_layout(rows: int, seq_len: int, rows_per_chunk: int):
 
 def array_layout(meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
   n, L, k, s = meta["rows"], meta["seq_len"], meta["k"], len(meta["temperatures"])
+  kind = KINDS.get(meta.get("format"))
+  if kind in ("packed", "sampled"):  # data/topk_codec.py; packed_ids: one field per row chunk
+    out = {**token_layout(n, L, meta["rows_per_chunk"]), "rice_b": (np.uint8, (n, L)),
+           "packed_ids": (np.uint8, (n_chunks(meta), meta["id_stream_bytes"]))}
+    if kind == "packed":
+      out.update(topk_code=(np.uint8, (n, L, k)), topk_top=(np.uint8, (n, L)),
+                 lse=(np.float32, (n, L, s)))
+    else:
+      out["sample_count"] = (np.uint8, (n, L, meta["samples"]))
+      if meta["exact_k"]:
+        e = meta["exact_k"]
+        out.update(topk_idx=(np.int32, (n, L, e)), topk_logit=(ml_dtypes.bfloat16, (n, L, e)),
+                   lse=(np.float32, (n, L, 1)))
+    return {**out, "done": (np.uint8, (n_chunks(meta),))}
   return {**token_layout(n, L, meta["rows_per_chunk"]),
           "topk_idx": (np.int32, (n, L, k)), "topk_logit": (ml_dtypes.bfloat16, (n, L, k)),
           "lse": (np.float32, (n, L, s)), "done": (np.uint8, (n_chunks(meta),))}
 
 
 LOGIT_ARRAYS = ("topk_idx", "topk_logit", "lse", "done")
+# Every format's: an --overwrite of a cache of another format deletes them all.
+ALL_LOGIT_ARRAYS = (*LOGIT_ARRAYS, "rice_b", "packed_ids", "topk_code", "topk_top",
+                    "sample_count")
+
+
+def logit_arrays(meta: dict) -> tuple[str, ...]:
+  """The arrays the logits phase writes for this cache's format."""
+  return tuple(n for n in array_layout(meta) if n not in token_layout(1, 1, 1))
 
 
 def n_chunks(meta) -> int:
@@ -113,7 +142,8 @@ def open_arrays(path: str, meta: dict, create: bool = False, names=None,
   for name, (dtype, shape) in (layout or array_layout(meta)).items():
     if names is not None and name not in names:
       continue
-    chunk0 = {"done": 1, "tokens_done": TOKEN_MARKS_PER_CHUNK}.get(name, meta["rows_per_chunk"])
+    chunk0 = {"done": 1, "tokens_done": TOKEN_MARKS_PER_CHUNK, "packed_ids": 1}.get(
+        name, meta["rows_per_chunk"])
     spec = _spec(path, name, dtype, shape, chunk0, meta["codec"])
     if not create:
       spec = {"driver": "zarr3", "kvstore": spec["kvstore"]}
@@ -123,7 +153,7 @@ def open_arrays(path: str, meta: dict, create: bool = False, names=None,
       out[name] = f.result()
     except ValueError as e:
       raise UserError(f"cache.path={path}: cannot {'create' if create else 'open'} array "
-                      f"{name} ({str(e).splitlines()[0][:160]})") from None
+                      f"{name} ({reason(e)})") from None
   return out
 
 
@@ -162,7 +192,7 @@ def metadata_result(path: str, name: str, read) -> dict | None:
   try:
     r = read()
   except ValueError as e:
-    raise UserError(f"cache.path={path}: cannot read ({str(e).splitlines()[0][:160]})") from None
+    raise UserError(f"cache.path={path}: cannot read ({reason(e)})") from None
   if r.state != "value":
     return None
   try:
@@ -173,6 +203,15 @@ def metadata_result(path: str, name: str, read) -> dict | None:
 
 def write_metadata(path: str, meta: dict, name: str = "metadata.json"):
   kvstore(path).write(name, json.dumps(meta, indent=2).encode()).result()
+
+
+def bytes_per_token_on_disk(path: str, meta: dict) -> float | None:
+  """Everything under a local cache directory (tokens, logit arrays, metadata) per cached
+  token; None for a kvstore URL or spec (sizes would need a read of every object)."""
+  if "://" in path or path.lstrip().startswith("{"):
+    return None
+  total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+  return round(total / max(meta["rows"] * meta["seq_len"], 1), 2)
 
 
 def first_difference(old: dict, new: dict, ignored=IGNORED_FIELDS) -> str | None:
@@ -202,12 +241,14 @@ class CacheReader:
     meta = read_metadata(path)
     if meta is None:
       raise UserError(f"cache {path}: no metadata.json (run python -m moedistill.cache_logits)")
-    if meta.get("format") != FORMAT:
-      raise UserError(f"cache {path}: format={meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") not in KINDS:
+      raise UserError(f"cache {path}: format={meta.get('format')!r}, expected one of "
+                      f"{list(KINDS)}")
     if not meta.get("complete"):
       raise UserError(f"cache {path}: incomplete (a run was interrupted); rerun cache_logits "
                       "to finish it")
     self.meta = meta
+    self.kind = KINDS[meta["format"]]  # plain | packed | sampled
     self.arrays = open_arrays(path, meta)
     self.rows = meta["rows"]
 
@@ -219,6 +260,17 @@ class CacheReader:
               (m["seq_len"] == seq_len, f"seq_len={m['seq_len']}, expected {seq_len}"),
               (tokenizer_hash is None or m["tokenizer_hash"] == tokenizer_hash,
                "tokenizer_hash differs from the configured tokenizer's")]
+    if self.kind == "sampled":
+      t = m["temperatures"][0]
+      checks += [(mode not in ("bucket", "renormalize"), f"a sampled cache (format "
+                  f"{m['format']}) cannot feed kd mode {mode}: its draws are not top-k "
+                  "log-probs; use train.kd_mode=sampled or teacher_only"),
+                 (temperature is None or abs(temperature - t) < 1e-9,
+                  f"temperature={temperature}: the draws are unbiased only at the cache's "
+                  f"temperature {t}")]
+    elif mode == "sampled":
+      checks.append((False, f"kd mode sampled needs a sampled cache; this one is "
+                     f"{m['format']} (cache.mode=topk)"))
     if temperature is not None and mode == "bucket":
       checks.append((any(abs(t - temperature) < 1e-9 for t in m["temperatures"]),
                      f"temperature={temperature} is not cached (cached: {m['temperatures']}); "
@@ -236,7 +288,54 @@ class CacheReader:
   def read_rows(self, idx) -> dict[str, np.ndarray]:
     idx = np.asarray(idx, np.int64)
     names = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse")
-    return self.result({n: self.arrays[n].oindex[idx].read() for n in names}, idx)
+    if self.kind == "plain":
+      return self.result({n: self.arrays[n].oindex[idx].read() for n in names}, idx)
+    # Other formats decode whole row chunks (an id stream is one per chunk).
+    R = self.meta["rows_per_chunk"]
+    chunks = np.unique(idx // R)
+    futs = [self.read_range(c * R, min(c * R + R, self.rows)) for c in chunks]
+    parts = [self.result(f, np.arange(c * R, min(c * R + R, self.rows)))
+             for c, f in zip(chunks, futs)]
+    where = np.searchsorted(chunks, idx // R)
+    at = np.concatenate([[0], np.cumsum([len(p["tokens"]) for p in parts])])[where] + idx % R
+    return {n: np.concatenate([p[n] for p in parts])[at] for n in names}
+
+  def read_range(self, lo: int, hi: int) -> dict:
+    """Async reads of rows [lo, hi) (within one row chunk unless the format is plain), for
+    `result`."""
+    a = self.arrays
+    if self.kind == "plain":
+      return {n: a[n][lo:hi].read() for n in ("tokens", "segment_ids", "topk_idx",
+                                                "topk_logit", "lse")}
+    R = self.meta["rows_per_chunk"]
+    if lo // R != (hi - 1) // R:
+      raise ValueError(f"read_range({lo}, {hi}): crosses a row chunk of {R} rows")
+    return {n: (a[n][lo // R].read() if n == "packed_ids" else a[n][lo:hi].read())
+            for n in logit_arrays(self.meta) + ("tokens", "segment_ids") if n != "done"}
+
+  def decode(self, raw: dict) -> dict[str, np.ndarray]:
+    """One row chunk's stored arrays -> tokens, segment_ids, topk_idx, topk_logit, lse."""
+    from moedistill.data import topk_codec
+    if self.kind == "plain":
+      return raw
+    m = self.meta
+    rows, L = raw["rice_b"].shape
+    P = rows * L
+    shape = lambda x: x.reshape(rows, L, -1)  # noqa: E731
+    if self.kind == "packed":
+      idx, logit, lse = topk_codec.decode_topk(
+          raw["packed_ids"], raw["rice_b"].ravel(), raw["topk_code"].reshape(P, -1),
+          raw["topk_top"].ravel(), raw["lse"].reshape(P, -1))
+    else:
+      counts = raw["sample_count"].reshape(P, -1)
+      ids = topk_codec.unpack_ids(raw["packed_ids"], raw["rice_b"].ravel(),
+                                  (counts > 0).sum(1), counts.shape[1])
+      e = m["exact_k"]
+      ex = ((raw["topk_idx"].reshape(P, e), raw["topk_logit"].reshape(P, e),
+             raw["lse"].reshape(P)) if e else (None, None, None))
+      idx, logit, lse = topk_codec.sampled_targets(ids, counts, m["temperatures"][0], *ex)
+    return {"tokens": raw["tokens"], "segment_ids": raw["segment_ids"],
+            "topk_idx": shape(idx), "topk_logit": shape(logit), "lse": shape(lse)}
 
   def result(self, futures: dict, idx) -> dict[str, np.ndarray]:
     """Waits for reads of rows `idx`; a damaged chunk is reported with its rows."""
@@ -249,5 +348,5 @@ class CacheReader:
         bad = sorted({int(i) // r for i in idx})
         raise UserError(f"cache {self.path}: array {n} is damaged in a chunk among rows "
                         f"{[(c * r, c * r + r - 1) for c in bad][:4]} "
-                        f"({str(e).splitlines()[0][:120]}); rebuild with --overwrite") from None
-    return out
+                        f"({reason(e)}); rebuild with --overwrite") from None
+    return self.decode(out) if self.kind != "plain" and "rice_b" in out else out

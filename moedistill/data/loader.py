@@ -120,8 +120,9 @@ class Loader:
   def _issue(self, key):
     if key in self.windows:
       return
-    arrays, order = self.reader.arrays, self.orders[key[0]]
-    self.windows[key] = {int(c): {n: arrays[n][rows[0]: rows[-1] + 1].read() for n in NAMES}
+    order = self.orders[key[0]]
+    # reader.result decodes a packed or sampled chunk into the NAMES arrays (data/cache.py)
+    self.windows[key] = {int(c): self.reader.read_range(int(rows[0]), int(rows[-1]) + 1)
                          for c in order.window_chunks(*key[1:])
                          for rows in [order.chunk_rows(c)]}
     self.reads.update((key[1], c) for c in self.windows[key])

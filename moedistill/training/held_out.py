@@ -18,10 +18,11 @@ from moedistill.training.train_step import StepConfig, micro_loss
 
 
 def eval_program(graphdef, config, temperature: float, t_index: int, chunk: int = 4096,
-                 mesh=None):
+                 mesh=None, mode: str = "bucket"):
   """The jitted metric sums of one batch, (state, batch) -> sums: the training loss path in
-  bucket mode, alpha 1, no aux. Also what `moedistill.plan` compiles."""
-  sc = StepConfig(alpha=1.0, temperature=temperature, mode="bucket", t_index=t_index,
+  bucket mode (`sampled` for a sampled cache), alpha 1, no aux. Also what `moedistill.plan`
+  compiles."""
+  sc = StepConfig(alpha=1.0, temperature=temperature, mode=mode, t_index=t_index,
                   vocab_chunk=chunk, micro_batches=1, aux_coef=0.0,
                   top_k=config.num_experts_per_tok)
 
@@ -33,9 +34,10 @@ def eval_program(graphdef, config, temperature: float, t_index: int, chunk: int 
   return jax.jit(sharding.on_mesh(mesh, fn), out_shardings=sharding.replicated(mesh))
 
 
-def make_eval_fn(model, temperature: float, t_index: int, chunk: int = 4096, mesh=None):
+def make_eval_fn(model, temperature: float, t_index: int, chunk: int = 4096, mesh=None,
+                 mode: str = "bucket"):
   graphdef, state = nnx.split(model)
-  fn = eval_program(graphdef, model.config, temperature, t_index, chunk, mesh)
+  fn = eval_program(graphdef, model.config, temperature, t_index, chunk, mesh, mode)
   return lambda batch: fn(state, batch)
 
 
@@ -92,14 +94,21 @@ def evaluate_model(model, reader: CacheReader, *, temperature: float = 1.0,
   if t_index is None:
     raise UserError(f"evaluate: temperature={temperature} is not cached in {reader.path} "
                     f"(cached: {reader.meta['temperatures']})")
-  reader.validate(vocab_size=model.config.vocab_size, seq_len=reader.meta["seq_len"])
   # Held-out figures must be exact: refuse (one line) a Runtime that may drop token copies.
   shards = 1 if mesh is None else dict(mesh.shape).get("expert", 1)
   for m in (model, teacher):
     why = None if m is None else resolve.drops(m.runtime, shards)
     if why is not None:
       raise ConfigError(f"evaluate: {why}")
-  fn = make_eval_fn(model, temperature, t_index, mesh=mesh)
+  # A sampled cache has no top-k log-probs for the bucket KL: its `kl` is KL(w || model),
+  # w the cached draws' weights (training/loss.py, mode sampled). That is an unbiased
+  # estimate of the cross-entropy to the teacher minus the draws' entropy (the latter the
+  # same for every model): differences between models are unbiased, the value itself is
+  # not the KL to the teacher (--full_vocab gives that).
+  kind = "sampled" if reader.kind == "sampled" else "bucket"
+  reader.validate(vocab_size=model.config.vocab_size, seq_len=reader.meta["seq_len"],
+                  temperature=temperature, mode=kind)
+  fn = make_eval_fn(model, temperature, t_index, mesh=mesh, mode=kind)
   full = None
   if teacher is not None:
     if teacher.config.vocab_size != model.config.vocab_size:
@@ -124,7 +133,7 @@ def evaluate_model(model, reader: CacheReader, *, temperature: float = 1.0,
   tok = max(totals["tokens"], 1.0)
   out = {"ppl": math.exp(totals["ce"] / tok), "ce": totals["ce"] / tok,
          "kl": totals["kl"] / tok, "top1_agreement": totals["top1_agreement"] / tok,
-         "tokens": int(totals["tokens"]), "temperature": temperature}
+         "tokens": int(totals["tokens"]), "temperature": temperature, "kl_kind": kind}
   if full is not None:  # both programs count the same valid tokens (labels_and_mask)
     out.update(kl_full=totals["kl_full"] / tok,
                teacher_topk_mass=totals["teacher_topk_mass"] / tok)
