@@ -151,3 +151,39 @@ def test_sweep_reuses_a_result_only_with_the_same_settings(tmp_path, teacher_dir
   with pytest.raises(UserError, match=r"^sweep point a0\.5: .*result\.json was made with "
                      r"train\.batch_size=\d+, the config has 40; delete"):
     reuse_result(changed, p)
+
+
+# --- 4. durability: metrics after a kill and resume ------------------------------------------
+
+def test_metrics_have_no_repeated_step_after_a_kill_and_resume(tmp_path, teacher_dir):
+  import signal
+  import subprocess
+  import sys
+  import time
+  c = job_config(tmp_path, teacher_dir[0])
+  c.stages.wrappers.steps = 3
+  c.stages.all.steps = 40
+  c.train.batch_size = 4
+  c.train.checkpoint_every = 1000  # checkpoints at the stage ends only: 3 and 43
+  c.train.log_every = 1
+  cfg = write_config_file(tmp_path, c)
+  metrics = Path(c.workdir) / "metrics.jsonl"
+
+  def logged():
+    if not metrics.exists():
+      return []
+    return [json.loads(x)["global_step"] for x in metrics.read_text().splitlines()
+            if x.endswith("}")]
+  p = subprocess.Popen([sys.executable, "-m", "moedistill.train", f"--config={cfg}"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  while p.poll() is None and max(logged(), default=0) < 6:  # rows 4.. are past checkpoint 3
+    time.sleep(0.02)
+  assert p.poll() is None, p.stderr.read()[-2000:]
+  p.send_signal(signal.SIGKILL)
+  p.communicate(timeout=120)
+  assert max(logged()) >= 6 and (Path(c.workdir) / "checkpoints" / "3").exists()
+  done = run_cli("moedistill.train", f"--config={cfg}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "resumed from" in done.stdout
+  steps = logged()
+  assert steps == list(range(1, 44)), steps

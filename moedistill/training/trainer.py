@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from moedistill import sharding
+from moedistill import atomic_io, sharding
 from moedistill.config import Job, Stage
 from moedistill.data.cache import CacheReader
 from moedistill.data.loader import Loader
@@ -55,9 +55,28 @@ class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was written."""
 
 
+def truncate_metrics(path: Path, global_step: int):
+  """Keeps the rows of metrics.jsonl up to `global_step` (where a resumed run continues:
+  later rows of a killed run are logged again) and drops a partly written last line."""
+  if not path.exists():
+    return
+  keep = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut by a kill
+    if row.get("global_step", 0) <= global_step:
+      keep.append(line)
+  atomic_io.write_text(path, "".join(x + "\n" for x in keep))
+
+
 class Logger:
-  def __init__(self, workdir: Path, enabled: bool):
+  def __init__(self, workdir: Path, enabled: bool, global_step: int = 0):
+    """Appends to metrics.jsonl after the rows up to `global_step` (the resumed step)."""
     self.enabled = enabled
+    if enabled:
+      truncate_metrics(workdir / "metrics.jsonl", global_step)
     self.file = open(workdir / "metrics.jsonl", "a") if enabled else None
     self.tb = None
     if enabled:
@@ -168,7 +187,7 @@ class Trainer:
     old = signal.signal(signal.SIGTERM, self._on_sigterm) if jax.process_count() == 1 else None
     try:
       i, s0, opt_state = self.restore()
-      self.logger = Logger(self.workdir, jax.process_index() == 0)
+      self.logger = Logger(self.workdir, jax.process_index() == 0, self.offsets[i] + s0)
       for i in range(i, len(self.steps)):
         self._run_stage(i, s0, opt_state)
         s0, opt_state = 0, None
