@@ -101,6 +101,9 @@ def get_config(arg: str = ""):
   c.train.alpha = 0.9                  # L = (1-alpha) CE + alpha T^2 KL
   c.train.temperature = 1.0            # must be one of cache.temperatures in bucket mode
   c.train.kd_mode = "bucket"           # bucket | renormalize | teacher_only
+  c.train.teacher_mode = "cache"       # cache: KD from the cached top-k (kd_mode) | online:
+                                       # the teacher runs inside the train step (both models
+                                       # resident), KD = exact full-vocab KL at the stage's T
   c.train.k = 0                        # teacher top-k the loss uses (0 = cache.k; a smaller
                                        # k' emulates a top-k' cache exactly, see sweep)
   c.train.vocab_chunk = 4096           # vocab chunk of the fused loss (memory ~ tokens x chunk)

@@ -103,11 +103,29 @@ def plan_check(job: Job, mesh, device_memory: int | None = None):
   plan.plan(job, mesh, device_memory, which, show=False, fail_fast=True)
 
 
+def kd_target(job: Job) -> str:
+  """What the KD term reads: the cache's kd_mode, or `online` (the teacher in the step needs
+  no cached logsumexp at the stage temperatures)."""
+  return "online" if job.train.teacher_mode == "online" else job.train.kd_mode
+
+
+def online_teacher(job: Job, student_cfg, mesh):
+  """teacher_mode=online: the teacher on the student's mesh (its params an input of every
+  train step, frozen); else None."""
+  if job.train.teacher_mode != "online":
+    return None
+  teacher = load(job, job.teacher, mesh)
+  if teacher.config.vocab_size != student_cfg.vocab_size:
+    raise UserError(f"config.train.teacher_mode='online': the teacher's vocab_size="
+                    f"{teacher.config.vocab_size}, the student's {student_cfg.vocab_size}")
+  return teacher
+
+
 def check_against_cache(job: Job, reader: cache.CacheReader, cfg):
   reader.validate(vocab_size=cfg.vocab_size, seq_len=job.train_data.seq_len)
   for st in job.train.stages:
     reader.validate(vocab_size=cfg.vocab_size, seq_len=job.train_data.seq_len,
-                    temperature=st.temperature, mode=job.train.kd_mode)
+                    temperature=st.temperature, mode=kd_target(job))
   if job.train.batch_size % (jax.process_count()):
     raise UserError(f"config.train.batch_size={job.train.batch_size}: not divisible by "
                     f"{jax.process_count()} processes")
@@ -121,7 +139,7 @@ def preflight(job: Job):
   shapes = P.shapes(P.abstract_student(cfg, Compression(*job.ranks)))
   for st in job.train.stages:
     optim.build(st, job.train, shapes, 1)  # regexes, coverage, all-frozen
-    if job.train.kd_mode == "bucket" and st.temperature not in job.cache.temperatures:
+    if kd_target(job) == "bucket" and st.temperature not in job.cache.temperatures:
       raise UserError(f"config.stages.{st.name}.temperature={st.temperature} is not among "
                       f"config.cache.temperatures={list(job.cache.temperatures)}; bucket mode "
                       "needs the teacher's full-vocab logsumexp at that temperature")
@@ -146,8 +164,9 @@ def train(job: Job, *, progress: bool = True, device_memory: int | None = None):
   init = ensure_student(job, mesh)
   reader = cache.CacheReader(job.cache_path("train"))
   student = load(job, init, mesh)
+  teacher = online_teacher(job, student.config, mesh)
   check_against_cache(job, reader, student.config)
-  trainer = Trainer(job, student, reader, mesh, progress=progress)
+  trainer = Trainer(job, student, reader, mesh, progress=progress, teacher=teacher)
   from moedistill.training import param_tree as P
   return save_export(job, P.merge(trainer.graphdef, trainer.template, trainer.run()))
 

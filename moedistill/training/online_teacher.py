@@ -197,3 +197,33 @@ def model_kl_sums(student, teacher, tokens_bt, segs_bt, temperature: float, chun
   kl = full_vocab_kl(hs.reshape(b * t, -1), student.lm_head_kernel(), ht.reshape(b * t, -1),
                      teacher.lm_head_kernel(), mask.reshape(-1), temperature, chunk)
   return {"kl_full": jnp.sum(kl), "tokens": jnp.sum(mask.astype(jnp.float32))}
+
+
+def micro_sums(model, teacher, tokens_bt, segs_bt, sc):
+  """teacher_mode=online, one micro-batch: (loss sum, metric sums, the student's aux) with
+  per valid token L = (1 - alpha) CE + alpha T^2 KL(p_T^teacher || p_T^student), the KL exact
+  over the whole vocabulary. The teacher is a constant (stop_gradient on its hidden states
+  and head): only the student's params get gradients. CE and the student's argmax come from
+  fused_stats.vocab_stats (no cached ids: an empty [n, 0] gather)."""
+  from moedistill.training.fused_stats import vocab_stats
+  from moedistill.training.train_step import labels_and_mask
+  labels, mask = labels_and_mask(tokens_bt, segs_bt)
+  hs, aux = model.hidden(tokens_bt, segs_bt)
+  ht, _ = teacher.hidden(tokens_bt, segs_bt)
+  b, t, d = hs.shape
+  n = b * t
+  hs = hs.reshape(n, d)
+  ht = jax.lax.stop_gradient(ht.reshape(n, -1))
+  wt = jax.lax.stop_gradient(teacher.lm_head_kernel())
+  ws = model.lm_head_kernel()
+  stats = vocab_stats(hs, ws, jnp.zeros((n, 0), jnp.int32), labels.reshape(-1), 1.0,
+                      sc.vocab_chunk)
+  out = divergence(hs, ws, ht, wt, float(sc.temperature), int(sc.vocab_chunk), 0.0)
+  valid = mask.reshape(-1)
+  ce, kl = stats["lse_1"] - stats["s_label"], out["div"]
+  total = (1.0 - sc.alpha) * ce + sc.alpha * sc.temperature ** 2 * kl
+  agree = (stats["argmax"] == out["teacher_argmax"]).astype(jnp.float32)
+  s = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
+  sums = {"ce": s(ce), "kl": s(kl), "kd_total": s(total), "top1_agreement": s(agree),
+          "tokens": jnp.sum(valid.astype(jnp.float32))}
+  return s(total), sums, aux

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moedistill.training import loss, param_tree as P
+from moedistill.training import loss, online_teacher, param_tree as P
 from moedistill.training.fused_stats import vocab_stats
 
 BATCH_KEYS = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse")
@@ -33,6 +33,8 @@ class StepConfig:
   top_k: int               # experts per token (for the aux loss)
   k: int = 0               # cached teacher entries used (0 = all): the first k' of a
                            # sorted top-k are exactly a top-k' cache
+  online: bool = False     # teacher_mode=online: KD against the teacher run in the step
+                           # (exact full-vocab KL); the cached top-k are not read
 
 
 def labels_and_mask(tokens_bt, segs_bt):
@@ -48,9 +50,15 @@ def teacher_lse(batch, sc: StepConfig):
   return jax.nn.logsumexp(batch["topk_logit"].astype(jnp.float32) / sc.temperature, axis=-1)
 
 
-def micro_loss(model, batch, n_valid, sc: StepConfig):
-  """(loss contribution, metric sums) of one micro-batch."""
+def micro_loss(model, batch, n_valid, sc: StepConfig, teacher=None):
+  """(loss contribution, metric sums) of one micro-batch; `teacher` (a model, frozen) is
+  run on the same tokens when sc.online."""
   tokens, segs = batch["tokens"], batch["segment_ids"]
+  if sc.online:
+    loss_sum, sums, aux = online_teacher.micro_sums(model, teacher, tokens, segs, sc)
+    aux_loss = loss.router_aux_loss(aux["router_logits"], segs > 0, sc.top_k)
+    sums = {**sums, "router_aux": aux_loss, "moe_dropped": aux["dropped"].astype(jnp.float32)}
+    return loss_sum / n_valid + sc.aux_coef * aux_loss / sc.micro_batches, sums
   if sc.k:
     batch = {**batch, "topk_idx": batch["topk_idx"][..., :sc.k],
              "topk_logit": batch["topk_logit"][..., :sc.k]}
@@ -76,27 +84,32 @@ def split_micro(batch, m: int):
   return jax.tree.map(one, batch)
 
 
-def make_train_step(graphdef, template, tx: optax.GradientTransformation, sc: StepConfig):
-  def loss_fn(trainable, frozen, mb, n_valid):
+def make_train_step(graphdef, template, tx: optax.GradientTransformation, sc: StepConfig,
+                    teacher_def=None):
+  """`teacher_def`: the teacher's (graphdef, template) when sc.online; the step then takes
+  its params dict as a fifth argument (no gradient, no optimizer state)."""
+  def loss_fn(trainable, frozen, mb, n_valid, teacher_params):
     model = P.merge(graphdef, template, {**trainable, **frozen})
-    return micro_loss(model, mb, n_valid, sc)
+    teacher = None if teacher_def is None else P.merge(*teacher_def, teacher_params)
+    return micro_loss(model, mb, n_valid, sc, teacher)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # w.r.t. trainable only
 
-  def step(trainable, frozen, opt_state, batch):
+  def step(trainable, frozen, opt_state, batch, teacher_params=None):
     _, mask = labels_and_mask(batch["tokens"], batch["segment_ids"])
     n_valid = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
     if sc.micro_batches == 1:
-      (total, sums), grads = grad_fn(trainable, frozen, batch, n_valid)
+      (total, sums), grads = grad_fn(trainable, frozen, batch, n_valid, teacher_params)
     else:
       def body(carry, mb):
         g_acc, t_acc, s_acc = carry
-        (tl, s), g = grad_fn(trainable, frozen, mb, n_valid)
+        (tl, s), g = grad_fn(trainable, frozen, mb, n_valid, teacher_params)
         return (jax.tree.map(jnp.add, g_acc, g), t_acc + tl, jax.tree.map(jnp.add, s_acc, s)), None
       zeros_g = jax.tree.map(jnp.zeros_like, trainable)
       mbs = split_micro(batch, sc.micro_batches)
       zeros_s = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], mbs), n_valid)[0][1]))
+          lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], mbs), n_valid,
+                          teacher_params)[0][1]))
       (grads, total, sums), _ = jax.lax.scan(body, (zeros_g, 0.0, zeros_s), mbs)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)

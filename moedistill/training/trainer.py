@@ -33,11 +33,15 @@ def stage_steps(stage: Stage, rows: int, batch_size: int) -> int:
   return stage.steps or max(1, math.ceil(stage.epochs * rows / batch_size))
 
 
-def jit_train_step(graphdef, template, tx, sc: StepConfig, trainable, opt_state, mesh):
+def jit_train_step(graphdef, template, tx, sc: StepConfig, trainable, opt_state, mesh,
+                   teacher_def=None):
   """The jitted train step (also what `moedistill.plan` compiles with abstract inputs):
-  params and optimizer state keep their shardings and are donated."""
+  params and optimizer state keep their shardings and are donated. Online teacher
+  (`teacher_def` = its graphdef and template): the step takes the teacher's params, on the
+  same mesh, as a fifth argument, neither donated nor differentiated."""
   shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-  return jax.jit(sharding.on_mesh(mesh, make_train_step(graphdef, template, tx, sc)),
+  return jax.jit(sharding.on_mesh(mesh, make_train_step(graphdef, template, tx, sc,
+                                                        teacher_def)),
                  donate_argnums=(0, 2),
                  out_shardings=(shard_of(trainable), shard_of(opt_state),
                                 sharding.replicated(mesh)))
@@ -48,7 +52,8 @@ def step_config(job: Job, stage: Stage, cfg, t_index: int | None) -> StepConfig:
   tc = job.train
   return StepConfig(alpha=stage.alpha, temperature=stage.temperature, mode=tc.kd_mode,
                     t_index=t_index, vocab_chunk=tc.vocab_chunk, micro_batches=tc.micro_batches,
-                    aux_coef=cfg.router_aux_loss_coef, top_k=cfg.num_experts_per_tok, k=tc.k)
+                    aux_coef=cfg.router_aux_loss_coef, top_k=cfg.num_experts_per_tok, k=tc.k,
+                    online=tc.teacher_mode == "online")
 
 
 class Preempted(Exception):
@@ -108,8 +113,17 @@ def read_lanes(configured: int, stored: int | None, process_count: int) -> int:
 
 
 class Trainer:
-  def __init__(self, job: Job, model, reader: CacheReader, mesh, *, progress: bool = True):
+  def __init__(self, job: Job, model, reader: CacheReader, mesh, *, progress: bool = True,
+               teacher=None):
+    """`teacher`: the teacher model on `mesh`, needed (and only read) when
+    config.train.teacher_mode=online."""
     self.job, self.reader, self.mesh, self.progress = job, reader, mesh, progress
+    if (job.train.teacher_mode == "online") != (teacher is not None):
+      raise UserError(f"config.train.teacher_mode={job.train.teacher_mode!r}: "
+                      + ("needs the teacher loaded beside the student (train.train does)"
+                         if teacher is None else "no teacher is run in the step"))
+    # The online teacher: (graphdef, template) for the step, its params an input of it.
+    self.teacher = None if teacher is None else P.split(teacher)
     self.graphdef, self.template, self.params = P.split(model)
     self.cfg = model.config
     self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
@@ -221,8 +235,13 @@ class Trainer:
     return stop
 
   def _compile_step(self, stage: Stage, tx, trainable, opt_state):
-    return jit_train_step(self.graphdef, self.template, tx, self._step_config(stage),
-                          trainable, opt_state, self.mesh)
+    if self.teacher is None:
+      return jit_train_step(self.graphdef, self.template, tx, self._step_config(stage),
+                            trainable, opt_state, self.mesh)
+    t_graphdef, t_template, t_params = self.teacher
+    fn = jit_train_step(self.graphdef, self.template, tx, self._step_config(stage), trainable,
+                        opt_state, self.mesh, (t_graphdef, t_template))
+    return lambda tr, fr, opt, batch: fn(tr, fr, opt, batch, t_params)
 
   def _host_metrics(self, m) -> dict:
     """The step's metrics as the floats that are logged (a batched sweep adds per point)."""

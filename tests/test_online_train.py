@@ -1,0 +1,122 @@
+"""train.teacher_mode=online: a 2-step run of the demo config (configs/two_stage.py at tiny
+size) completes with the teacher run inside the step, and its first step's logged loss equals
+a direct float64 computation, L = (1-alpha) CE + alpha T^2 KL(p_T^teacher || p_T^student)
+over the whole vocabulary, from dense logits of the zero-shot student and the teacher on the
+first batch. The stage temperature (1.5) is not cached: online KD needs no cached logsumexp.
+`plan` compiles the online step with the teacher's params as an input; a bad teacher_mode is
+one line naming the field."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import job_config, make_hf_checkpoint, make_tokenizer
+
+ALPHA, T = 0.6, 1.5
+
+
+def online_config(tmp):
+  c = job_config(tmp, tmp / "teacher", **{"train.teacher_mode": "online"})
+  c.stages.wrappers.steps = 1
+  c.stages.all.steps = 1
+  c.train.batch_size = 4
+  c.train.log_every = 1
+  c.train.alpha = ALPHA
+  c.train.temperature = T
+  return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  from moedistill.config import job_from_config
+  from moedistill.train import train
+  tmp = tmp_path_factory.mktemp("online")
+  make_hf_checkpoint(tmp / "teacher", vocab_size=64)
+  make_tokenizer(tmp / "teacher")
+  job = job_from_config(online_config(tmp))
+  export = train(job, progress=False)
+  return tmp, job, export
+
+
+def log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_two_step_online_run_and_first_loss(run):
+  import jax.numpy as jnp
+  from moedistill.data.cache import CacheReader
+  from moedistill.data.loader import Loader
+  from moedistill.hub import hf
+  tmp, job, export = run
+  assert (export / "model.safetensors").exists()
+  rows = [json.loads(line) for line in (Path(job.workdir) / "metrics.jsonl").read_text()
+          .splitlines()]
+  assert [r["global_step"] for r in rows] == [1, 2]
+  first = rows[0]
+
+  reader = CacheReader(job.cache_path("train"))
+  assert T not in reader.meta["temperatures"]
+  loader = Loader(reader, job.train.batch_size, job.seed, 0, 1, job.cache.shuffle_chunks,
+                  job.cache.prefetch, 1)
+  batch = loader.batch(0)
+  tokens, segs = batch["tokens"], batch["segment_ids"]
+  logits = {}
+  for name, path in (("s", job.student_init), ("t", job.teacher)):
+    model, _ = hf.load_model(path, job.model)
+    z, _ = model(jnp.asarray(tokens), jnp.asarray(segs))
+    logits[name] = np.asarray(z, np.float64)
+  valid = np.zeros(tokens.shape, bool)
+  valid[:, :-1] = (segs[:, 1:] == segs[:, :-1]) & (segs[:, :-1] > 0)
+  labels = np.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+  ls1 = log_softmax(logits["s"])
+  ce = -np.take_along_axis(ls1, labels[..., None], -1)[..., 0]
+  logp, logq = log_softmax(logits["t"] / T), log_softmax(logits["s"] / T)
+  kl = (np.exp(logp) * (logp - logq)).sum(-1)
+  total = (1 - ALPHA) * ce + ALPHA * T ** 2 * kl
+  np.testing.assert_allclose(first["ce"], ce[valid].mean(), rtol=1e-5)
+  np.testing.assert_allclose(first["kl"], kl[valid].mean(), rtol=1e-4)
+  np.testing.assert_allclose(first["kd_total"], total[valid].mean(), rtol=1e-5)
+  agree = logits["s"].argmax(-1) == logits["t"].argmax(-1)
+  np.testing.assert_allclose(first["top1_agreement"], agree[valid].mean(), atol=1e-6)
+  # the step's loss adds the router aux term to the KD total
+  coef = json.loads((Path(job.teacher) / "config.json").read_text())["router_aux_loss_coef"]
+  np.testing.assert_allclose(first["loss"], first["kd_total"] + coef * first["router_aux"],
+                             rtol=1e-5)
+  assert rows[1]["kl"] != first["kl"]  # the second step saw updated params
+
+
+def test_plan_accepts_online_and_counts_the_teacher(tmp_path):
+  from moedistill import plan, sharding
+  from moedistill.config import job_from_config
+  make_hf_checkpoint(tmp_path / "teacher", vocab_size=64)  # plan reads only its config.json
+  c = online_config(tmp_path)
+  mesh = sharding.make_mesh(job_from_config(c).mesh)
+  got = {}
+  for mode in ("cache", "online"):
+    c.train.teacher_mode = mode
+    job = job_from_config(c)
+    got[mode] = plan.plan(job, mesh, 80 * 2**30, ["train"], show=False)["programs"]
+  cfg = plan.ModelConfig.from_json_file(tmp_path / "teacher" / "config.json")
+  _, _, teacher = plan.abstract_model(cfg, plan.runtime(job), None, mesh)
+  t_bytes = plan.device_bytes(teacher)
+  assert t_bytes > 0 and set(got["online"]) == {"train_wrappers", "train_all"}
+  for name, r in got["online"].items():
+    assert r["params_bytes"] == got["cache"][name]["params_bytes"] + t_bytes
+    # the teacher's params are arguments of the online step (both models resident): the
+    # non-temporary bytes (arguments + outputs - donated) grow by at least the teacher's
+    c_r = got["cache"][name]
+    assert r["bytes_per_device"] - r["temp_bytes"] >= \
+        c_r["bytes_per_device"] - c_r["temp_bytes"] + t_bytes, (name, r, c_r)
+
+
+def test_bad_teacher_mode_is_one_line(tmp_path):
+  from moedistill.config import job_from_config
+  from moedistill.errors import ConfigError
+  make_hf_checkpoint(tmp_path / "teacher", vocab_size=64)
+  c = online_config(tmp_path)
+  c.train.teacher_mode = "live"
+  with pytest.raises(ConfigError) as e:
+    job_from_config(c)
+  assert str(e.value) == "config.train.teacher_mode='live': expected one of ['cache', 'online']"
