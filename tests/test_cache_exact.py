@@ -16,7 +16,7 @@ from moedistill.model.layers import Runtime
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 
 
-def test_cache_and_evaluate_refuse_capacity_and_the_cache_records_its_backend(tmp_path, teacher_dir):
+def test_cache_and_evaluate_refuse_capacity_and_the_cache_records_it(tmp_path, teacher_dir):
   path, _ = teacher_dir
   job = job_from_config(job_config(tmp_path, path, **{"model.moe_backend": "capacity"}))
   with pytest.raises(ConfigError) as e:

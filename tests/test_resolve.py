@@ -66,6 +66,17 @@ def test_why_names_the_matmul_that_does_not_fit_mgpu():
   assert R.resolve("cuda", A100, TEACHER).why is None
 
 
+def test_mgpu_only_for_16_bit_compute():
+  # Hopper's wgmma takes float32 operands as tf32: not exact for a float32 model.
+  r = R.resolve("cuda", H100, TEACHER, "float32")
+  assert r.moe_backend == "pallas" and "float32 compute" in r.why
+  assert R.resolve("cuda", H100, TEACHER, "float16").moe_backend == "mgpu"
+  with R.targeting(R.Target("cuda", H100)):
+    import jax.numpy as jnp
+    assert moe.resolve_runtime(Runtime(dtype=jnp.float32), QWEN3_30B).moe_backend == "pallas"
+    assert moe.resolve_runtime(Runtime(dtype=jnp.bfloat16), QWEN3_30B).moe_backend == "mgpu"
+
+
 def test_mgpu_constraints_per_dimension():
   # Each dimension fails on its own: K (contracting, forward block_k=64 and dW block_m=64,
   # dx block_n=128) and N (forward block_n=128).
@@ -150,16 +161,19 @@ def test_config_for_a_cuda_target_accepts_mgpu_and_auto_dtype_is_bf16(tmp_path):
 
 
 def test_resolve_runtime_follows_the_target_and_logs_why_once(caplog):
+  import jax.numpy as jnp
   comp = Compression(4, 4, 4)
-  assert moe.resolve_runtime(Runtime(), DEMO, comp).moe_backend == "sorted"
+  BF16 = Runtime(dtype=jnp.bfloat16)  # what dtype=auto gives on a GPU
+  assert moe.resolve_runtime(BF16, DEMO, comp).moe_backend == "sorted"
   moe._LOGGED.clear()
   with caplog.at_level(pylogging.INFO), R.targeting(R.Target("cuda", H100)):
-    rt = moe.resolve_runtime(Runtime(), QWEN3_30B, comp)
+    rt = moe.resolve_runtime(BF16, QWEN3_30B, comp)
     assert (rt.moe_backend, rt.attention) == ("pallas", "pallas")
-    moe.resolve_runtime(Runtime(), QWEN3_30B, comp)
-    assert moe.resolve_runtime(Runtime(), QWEN3_30B).moe_backend == "mgpu"
+    moe.resolve_runtime(BF16, QWEN3_30B, comp)
+    assert moe.resolve_runtime(BF16, QWEN3_30B).moe_backend == "mgpu"
     # Set explicitly: kept.
-    rt = moe.resolve_runtime(Runtime(moe_backend="ragged", attention="blocked"), QWEN3_30B)
+    rt = moe.resolve_runtime(Runtime(moe_backend="ragged", attention="blocked"),
+                             QWEN3_30B)
     assert (rt.moe_backend, rt.attention) == ("ragged", "blocked")
   why = [r.getMessage() for r in caplog.records if "not mgpu" in r.getMessage()]
   assert why == [R.resolve("cuda", H100, STUDENT_4).why]

@@ -189,10 +189,10 @@ def resolve_backend(name: str, cfg=None, comp=None) -> str:
   return name if name != "auto" else _resolved(cfg, comp).moe_backend
 
 
-def _resolved(cfg, comp):
+def _resolved(cfg, comp, dtype=jnp.bfloat16):
   t = resolve.target()
   r = resolve.resolve(t.platform, t.device_kind,
-                      None if cfg is None else resolve.gmm_shapes(cfg, comp))
+                      None if cfg is None else resolve.gmm_shapes(cfg, comp), jnp.dtype(dtype).name)
   if r.why and r.why not in _LOGGED:
     _LOGGED.add(r.why)
     logging.info(r.why)
@@ -205,7 +205,7 @@ def resolve_runtime(rt, cfg=None, comp=None):
   where that means plain or blocked by row length (decided per call)."""
   if rt.moe_backend != "auto" and rt.attention != "auto":
     return rt
-  r = _resolved(cfg, comp)
+  r = _resolved(cfg, comp, rt.dtype)
   return dataclasses.replace(
       rt, moe_backend=r.moe_backend if rt.moe_backend == "auto" else rt.moe_backend,
       attention=r.attention if rt.attention == "auto" else rt.attention)

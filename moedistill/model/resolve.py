@@ -130,16 +130,19 @@ class Resolved:
   why: str | None = None  # set when the fastest path was passed over: the log line
 
 
-def resolve(platform: str, device_kind: str, shapes=None) -> Resolved:
+def resolve(platform: str, device_kind: str, shapes=None, dtype: str = "bfloat16") -> Resolved:
   """What `auto` means on (platform, device kind) for a model whose grouped matmuls are
-  `shapes` (gmm_shapes; None: unknown, so `mgpu` cannot be checked and is not chosen)."""
+  `shapes` (gmm_shapes; None: unknown, so `mgpu` cannot be checked and is not chosen),
+  computing in `dtype` (a name; `mgpu` only for 16-bit: Hopper's wgmma rounds float32
+  operands to tf32)."""
   if platform == "cuda":
     if not is_ampere_or_newer(device_kind):
       return Resolved("ragged", "auto", f"{device_kind} is older than Ampere (sm80), which the "
                       "Pallas Triton kernels need: exact jax.lax.ragged_dot and XLA attention")
     if is_hopper(device_kind):
       misfit = ("the model's grouped-matmul shapes are unknown" if shapes is None
-                else mgpu_misfit(shapes))
+                else f"{dtype} compute: Mosaic GPU's wgmma rounds float32 operands to tf32"
+                if dtype not in ("bfloat16", "float16") else mgpu_misfit(shapes))
       if misfit is None:
         return Resolved("mgpu", "pallas")
       return Resolved("pallas", "pallas", f"moe_backend=auto on {device_kind}: pallas, not "
