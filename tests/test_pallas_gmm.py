@@ -166,3 +166,18 @@ def test_kernels_lower_for_cuda_through_triton():
   assert text.count("__gpu$xla.gpu.triton") == 3
   for name in ("gmm", "gmm_dx", "gmm_dw"):
     assert f'name = "{name}"' in text
+
+
+def test_expert_parallel_refuses_pallas_in_interpret_mode():
+  """Under a mesh the MoE block runs in shard_map, where jax 0.10.2's Pallas interpreter cannot
+  run: refused with one line before anything is traced (on a GPU the Triton path is used)."""
+  from moedistill import sharding
+  from moedistill.errors import ConfigError
+  from moedistill.model import expert_parallel
+  from moedistill.model.qwen3_moe import DenseExperts, MoeBlock
+  cfg = tiny()
+  rt = Runtime(moe_backend="pallas")
+  block = MoeBlock(cfg, rt, nnx.Rngs(0), DenseExperts(cfg, rt, nnx.Rngs(0)))
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1, 1))
+  with pytest.raises(ConfigError, match="moe_backend='pallas' with a mesh"):
+    expert_parallel.moe_block(mesh, block, jnp.zeros((1, 4, cfg.hidden_size)))
