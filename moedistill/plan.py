@@ -400,6 +400,18 @@ def _custom_calls(text: str) -> list[str]:
   return sorted(set(re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)))
 
 
+def _error_line(e: BaseException) -> str:
+  """One line for an exception: its type and first non-empty message line, or where it was
+  raised when it has no message (e.g. an AttributeError from a kernel reading a device
+  property at trace time)."""
+  import traceback
+  msg = next((x for x in str(e).splitlines() if x.strip()), "")
+  if not msg:
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    msg = f"raised at {Path(frame.filename).name}:{frame.lineno}: {frame.line}"
+  return f"{type(e).__name__}: {msg}"
+
+
 def cross_lower(job: Job, mesh, which=PROGRAMS, show: bool = True) -> dict:
   """Lowers, without compiling, each program for resolve.target() (set by the caller): per
   program {"lowered": true, "lower_s", "custom_calls"} or {"lowered": false, "error": its
@@ -417,8 +429,7 @@ def cross_lower(job: Job, mesh, which=PROGRAMS, show: bool = True) -> dict:
       out[p.name] = r = {"lowered": True, "lower_s": round(time.perf_counter() - t0, 3),
                          "custom_calls": _custom_calls(text)}
     except Exception as e:  # noqa: BLE001: the report is the point; every error is kept
-      out[p.name] = r = {"lowered": False,
-                         "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+      out[p.name] = r = {"lowered": False, "error": _error_line(e)}
     if show and jax.process_index() == 0:
       print(f"{p.name:<16} " + (f"lowered for {t.platform} in {r['lower_s']:.1f}s, custom calls "
                                 f"{r['custom_calls']}" if r["lowered"] else

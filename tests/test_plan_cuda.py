@@ -47,3 +47,18 @@ def test_cli_refuses_an_unknown_platform(tmp_path):
   assert r.returncode == 2, r.stderr[-2000:]
   assert r.stderr.strip().splitlines()[-1] == (
       "error: --platform='gpu': expected one of ['cpu', 'cuda', 'rocm', 'tpu']")
+
+
+def test_error_line_names_where_a_messageless_error_was_raised():
+  from moedistill.plan import _error_line
+
+  def kernel():
+    raise AttributeError()  # as jax.devices()[0].core_count on a CPU device, traced for CUDA
+  try:
+    kernel()
+  except AttributeError as e:
+    line = _error_line(e)
+  assert line == (f"AttributeError: raised at test_plan_cuda.py:{kernel.__code__.co_firstlineno + 1}"
+                  ": raise AttributeError()  # as jax.devices()[0].core_count on a CPU device, "
+                  "traced for CUDA")
+  assert _error_line(ValueError("\nfirst\nsecond")) == "ValueError: first"
