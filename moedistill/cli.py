@@ -8,12 +8,23 @@ Each command calls `run(main, extra_flags=...)` and gets:
 - the multi-host flags: --coordinator=HOST:PORT --num_processes=N --process_id=I on every
   process (on TPU pods and SLURM, --coordinator=auto lets JAX discover them);
 - one error path: bad flags, bad overrides and `UserError` print one `error: ...` line on
-  stderr and exit with status 2 (no traceback).
+  stderr and exit with status 2 (no traceback);
+- `--help` (`-h`, `-?`, `--helpshort`): the command's docstring and its own flags, `--config`
+  included, on stdout, exit 0 (`--helpfull`: every module's flags);
+- a closed stdout (`... | head`) ends the command quietly with status 141 (128 + SIGPIPE, what
+  `cat` gives); Ctrl-C prints `interrupted: rerun the same command to resume`, status 130.
 """
 from __future__ import annotations
 
 import ast
+import os
+import signal
 import sys
+
+# Before anything imports transformers: its import-time advice ("PyTorch was not found...")
+# and load-time warnings would print ahead of a refusal's one `error:` line. A user's own
+# setting wins.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -69,18 +80,67 @@ config_flags.register_flag_parser_for_type(list, ListParser())
 def define_flags(extra=()):
   """--config, the multi-host flags and a command's own: names from SHARED or callables that
   define absl flags."""
-  config_flags.DEFINE_config_file("config", None, "config file (path[:variant])",
-                                  lock_config=True)
+  before = set(FLAGS)
+  config_flags.DEFINE_config_file(
+      "config", None, "config file, path[:variant] (e.g. configs/two_stage.py); override any "
+      "field with --config.<field>=<value>", lock_config=True)
   flags.DEFINE_string("coordinator", "", "multi-host: HOST:PORT of process 0, or 'auto'")
   flags.DEFINE_integer("num_processes", 1, "multi-host: number of processes")
   flags.DEFINE_integer("process_id", 0, "multi-host: this process's index")
   for f in extra:
     SHARED[f]() if isinstance(f, str) else f()
+  # absl's --help lists the key flags of the main module (the command's file, sys.argv[0]);
+  # the ones defined here or in SHARED belong to cli.py, so they are declared key flags of
+  # the command too.
+  for name in sorted(set(FLAGS) - before):
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
+HELP = {"--help": True, "-help": True, "-h": True, "--h": True, "-?": True, "--helpshort": True,
+        "-helpshort": True, "--helpfull": False, "-helpfull": False}
+
+
+def _help(argv):
+  """--help and friends before absl's own (which exit 1): usage on stdout, exit 0."""
+  for a in argv[1:]:
+    if a == "--":
+      return
+    if a in HELP:
+      from absl import app
+      try:
+        app.usage(shorthelp=HELP[a], writeto_stdout=True)
+        if HELP[a]:
+          print("\nTry --helpfull to get a list of all flags.")
+        sys.stdout.flush()
+      except BrokenPipeError:
+        _closed_stdout()
+      sys.exit(0)
+
+
+def _close_progress_bars():
+  """A progress bar the failing work left open would share the error's line (on a terminal:
+  `tokenizing ...:  0%|  | 0/3 [00:00<?, ?piece/s]error: ...`): each still-open bar is
+  erased (leave=False) before the line is printed."""
+  tqdm = sys.modules.get("tqdm")
+  for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+    bar.leave = False
+    bar.close()
 
 
 def fail(message: str):
+  _close_progress_bars()
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def _closed_stdout():
+  """The reader of stdout went away (`| head`): nothing more can be shown, so end quietly.
+  stdout is pointed at /dev/null first: the interpreter flushes it once more at exit, and a
+  failed flush there would print 'Exception ignored ... BrokenPipeError'."""
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, sys.stdout.fileno())
+  os.close(devnull)
+  sys.exit(128 + signal.SIGPIPE)
 
 
 def _one_line(text: str) -> str:
@@ -110,6 +170,7 @@ def _unknown_field(argv) -> str:
 
 def parse_flags(argv):
   """absl's flag parsing, with every refusal as one line and exit status 2."""
+  _help(argv)
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -144,7 +205,37 @@ def load_job(argv=None, required: bool = True):
   if config is None and required:
     raise UserError("--config is required, e.g. --config=configs/two_stage.py")
   init_distributed()
-  return (None if config is None else job_from_config(config)), FLAGS
+  job = None if config is None else job_from_config(config)
+  if job is not None:
+    _FRESH[:] = [p for p in (job.workdir, job.cache.path) if _local(p) and not os.path.exists(p)]
+  return job, FLAGS
+
+
+# The job's local output roots (workdir, cache.path) that did not exist when it was loaded.
+_FRESH: list[str] = []
+
+
+def _local(path: str) -> bool:
+  return "://" not in path and not path.lstrip().startswith("{")
+
+
+def _left_behind() -> str:
+  """After a refusal: remove the empty directories a first start made under the roots that
+  did not exist before it (only empty ones, so nothing is deleted but what this run created
+  and left empty: no file is ever removed), and name what is left, if anything."""
+  left = []
+  for root in _FRESH:
+    if not os.path.isdir(root):
+      continue
+    for d, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):  # deepest first
+      try:
+        os.rmdir(d)
+      except OSError:  # not empty
+        pass
+    if os.path.exists(root) and not any(root.startswith(p.rstrip("/") + "/") for p in left):
+      left.append(root)
+  return f" (this first start left {', '.join(left)} behind: delete it to start over)" if left \
+      else ""
 
 
 def pick(value, flag: str, from_job):
@@ -166,9 +257,13 @@ def run(main, extra_flags=()):
       if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}: use --flag=value")
       main(argv)
+      sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
     except UserError as e:
-      fail(str(e))
+      fail(str(e) + _left_behind())
+    except BrokenPipeError:
+      _closed_stdout()
     except KeyboardInterrupt:
-      print("interrupted", file=sys.stderr)
+      _close_progress_bars()
+      print("interrupted: rerun the same command to resume", file=sys.stderr)
       sys.exit(130)
   app.run(wrapped, flags_parser=parse_flags)

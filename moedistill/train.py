@@ -140,7 +140,7 @@ def preflight(job: Job):
   for st in job.train.stages:
     optim.build(st, job.train, shapes, 1)  # regexes, coverage, all-frozen
     if kd_target(job) == "bucket" and st.temperature not in job.cache.temperatures:
-      raise UserError(f"config.stages.{st.name}.temperature={st.temperature} is not among "
+      raise UserError(f"{st.field('temperature')}={st.temperature} is not among "
                       f"config.cache.temperatures={list(job.cache.temperatures)}; bucket mode "
                       "needs the teacher's full-vocab logsumexp at that temperature")
   mesh = sharding.make_mesh(job.mesh)
@@ -194,11 +194,10 @@ def main(argv):
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(0)
-  report = write_report(job)  # every process: the models are evaluated on the mesh
-  if jax.process_index() == 0:
-    print(json.dumps(report, indent=2))
-    print(f"done in {time.time() - t0:.0f}s: export {export}, report "
-          f"{Path(job.workdir) / 'report.json'}")
+  if jax.process_index() == 0:  # before the table, so that stdout ends with it
+    print(f"trained in {time.time() - t0:.0f}s: export {export}; evaluating for the report "
+          f"{Path(job.workdir) / 'report.json'}", flush=True)
+  write_report(job)  # every process: the models are evaluated on the mesh
 
 
 def define_flags():

@@ -6,7 +6,7 @@ from conftest import job_config, run_cli, write_config_file
 from test_cache_bad_input import snapshot
 
 CASES = {
-    "alpha_above_one": ({"train.alpha": 1.5}, "config.stages.wrappers.alpha=1.5"),
+    "alpha_above_one": ({"train.alpha": 1.5}, "config.train.alpha=1.5"),
     "temperature_zero": ({"train.temperature": 0.0}, "temperature=0.0: expected > 0"),
     "temperature_not_cached": ({"train.temperature": 3.0},
                                "temperature=3.0 is not among config.cache.temperatures"),

@@ -35,6 +35,9 @@ class DataSpec:
   max_rows: int = 0         # 0: all rows
   block_bytes: int = 64 * 2**20  # jsonl/txt piece size
   revision: str | None = None  # hub dataset: branch, tag or commit (None: main)
+  # The config field a refusal names (config.data.train.source or config.data.eval.source);
+  # not part of what the rows are made of.
+  name: str = dataclasses.field(default="config.data.source", compare=False, repr=False)
 
   def __post_init__(self):
     if self.seq_len < 2:
@@ -50,19 +53,20 @@ class Piece:
   part: int                 # byte block, row group or hub shard index
 
 
-def local_files(source) -> list[str] | None:
-  """The files a source names, or None when it is a hub dataset name ("org/dataset")."""
+def local_files(source, name: str = "config.data.source") -> list[str] | None:
+  """The files a source names, or None when it is a hub dataset name ("org/dataset");
+  `name`: the config field a refusal names."""
   files = []
   for s in source:
     hits = sorted(glob.glob(s))
     if not hits:
       if len(source) == 1 and not os.path.splitext(s)[1] and "/" in s and not os.path.exists(s):
         return None
-      raise ConfigError(f"data.source: {s} matches no file")
+      raise ConfigError(f"{name}: {s} matches no file")
     files += hits
   for f in files:
     if os.path.splitext(f)[1] not in EXTENSIONS:
-      raise ConfigError(f"data.source: {f} has an unknown extension, expected one of "
+      raise ConfigError(f"{name}: {f} has an unknown extension, expected one of "
                         f"{sorted(EXTENSIONS)}")
   return files
 
@@ -78,7 +82,7 @@ def _hub(spec: DataSpec, shard: int | None = None):
 
 def pieces(spec: DataSpec) -> tuple[list[Piece], int]:
   """(the source's pieces in stream order, the number of empty files skipped)."""
-  files = local_files(spec.source)
+  files = local_files(spec.source, spec.name)
   if files is None:
     return [Piece("hub", spec.source[0], i) for i in range(_hub(spec).num_shards)], 0
   out, empty = [], 0
@@ -142,7 +146,7 @@ def _line_docs(piece: Piece, spec: DataSpec):
     try:
       line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise ConfigError(f"data.source: {where()} is not valid UTF-8 (byte {e.start} of the "
+      raise ConfigError(f"{spec.name}: {where()} is not valid UTF-8 (byte {e.start} of the "
                         "line)") from None
     if piece.kind == "text":
       yield line.rstrip("\r\n")
@@ -150,7 +154,8 @@ def _line_docs(piece: Piece, spec: DataSpec):
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ConfigError(f"data.source: {where()} is not valid JSON ({e.msg})") from None
+        raise ConfigError(f"{spec.name}: {where()} is not valid JSON ({_json_reason(e)})"
+                          ) from None
       yield _record_text(record, spec.text_field, where)
 
 
@@ -174,24 +179,30 @@ def docs(piece: Piece, spec: DataSpec):
     for t in pf.read_row_group(piece.part, columns=[spec.text_field]).column(0).to_pylist():
       yield t or ""
   elif piece.kind == "json":
-    yield from _json_array_docs(piece.where, spec.text_field)
+    yield from _json_array_docs(piece.where, spec.text_field, spec.name)
   else:
     for i, r in enumerate(_hub(spec, piece.part)):
       yield _record_text(r, spec.text_field, lambda: f"record {i} of {spec.source[0]} shard "
                          f"{piece.part}")
 
 
-def _json_array_docs(path: str, field: str):
+def _json_reason(e: json.JSONDecodeError) -> str:
+  """json's message and where in the line: its `msg` alone can read as cut off ("Invalid
+  control character at", the position being the rest of the sentence)."""
+  return f"{e.msg}: column {e.colno}"
+
+
+def _json_array_docs(path: str, field: str, name: str = "config.data.source"):
   """A .json file holds one array of records (read whole: use jsonl for large data)."""
   try:
     records = json.loads(Path(path).read_bytes().decode("utf-8"))
   except UnicodeDecodeError as e:
-    raise ConfigError(f"data.source: {path} is not valid UTF-8 (byte {e.start})") from None
+    raise ConfigError(f"{name}: {path} is not valid UTF-8 (byte {e.start})") from None
   except json.JSONDecodeError as e:
-    raise ConfigError(f"data.source: {path} is not valid JSON ({e.msg}, line {e.lineno})"
+    raise ConfigError(f"{name}: {path} is not valid JSON ({_json_reason(e)}, line {e.lineno})"
                       ) from None
   if not isinstance(records, list):
-    raise ConfigError(f"data.source: {path} holds a JSON {type(records).__name__}, expected "
+    raise ConfigError(f"{name}: {path} holds a JSON {type(records).__name__}, expected "
                       "an array of records (or use .jsonl)")
   for i, r in enumerate(records):
     yield _record_text(r, field, lambda: f"record {i} of {path}")
@@ -213,7 +224,7 @@ def file_sha(path: str) -> str:
 def file_records(spec: DataSpec, old: list[dict] | None = None, verify: bool = False):
   """[{path, size, mtime_ns, sha}] of the source's files, re-hashing only those whose size or
   mtime differ from `old` (all with `verify`); None for a hub dataset."""
-  files = local_files(spec.source)
+  files = local_files(spec.source, spec.name)
   if files is None:
     return None
   known = {r["path"]: r for r in old or []}

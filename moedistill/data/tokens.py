@@ -34,7 +34,7 @@ from moedistill.data.packing import Packer, id_batches, in_thread
 from moedistill.data.piece_rows import (STAGING, Direct, PieceRows, Records, Staged,
                                          record_name, wait_all)
 from moedistill.data.sources import DataSpec
-from moedistill.errors import ConfigError, UserError
+from moedistill.errors import ConfigError, UserError, reason
 
 FORMAT = "moedistill-tokens-v1"
 META = "tokens.json"
@@ -83,16 +83,22 @@ def stage_mine(path, spec: DataSpec, plist, tok, arrays, rows_per_chunk, p: int,
   whose offset is known (every earlier piece done: always with one process) is written
   straight to the final arrays, the others are staged for the assembly pass."""
   recs = Records(path)
-  for g in tqdm(range(p, len(plist), P), unit="piece", desc=f"tokenizing {path}",
-                disable=not progress, mininterval=1.0):
+  mine = range(p, len(plist), P)
+  bar = tqdm(total=len(mine), unit="piece", desc=f"tokenizing {path}", disable=not progress,
+             mininterval=1.0)
+  for g in mine:
     if spec.max_rows and (recs.offset(g, spec.max_rows) or 0) >= spec.max_rows:
-      return
+      break
     if recs.get(g) is None:
       at = recs.offset(g)
       sink = (Staged(path, g) if at is None else
               Direct(arrays, at, spec.max_rows or np.iinfo(np.int64).max,
                      rows_per_chunk * cache.TOKEN_MARKS_PER_CHUNK))
       recs.put(g, stage_piece(path, g, plist[g], spec, tok, sink))
+    bar.update(1)
+  # Closed here only: a refusal raised above leaves the bar open and `cli.fail` erases it, so
+  # the error line stands alone (tqdm's iterator form would redraw it on the way out).
+  bar.close()
 
 
 def piece_table(path, n_pieces: int, max_rows: int):
@@ -208,14 +214,14 @@ def _start(path, new, overwrite, plist_len, empty_files):
     meta = {**new, "pieces": plist_len, "stats": {"empty_files": empty_files}}
     cache.write_metadata(path, meta, META)
   except (ValueError, OSError) as e:
-    raise UserError(f"cache.path={path}: cannot write ({str(e).splitlines()[0][:160]})") from None
+    raise UserError(f"cache.path={path}: cannot write ({reason(e)})") from None
   return meta
 
 
 def _precheck(spec: DataSpec, plist):
   """Bad input caught before anything is written: the first record of the first piece."""
   if not plist:
-    raise ConfigError(f"data.source={list(spec.source)}: no documents (every file is empty)")
+    raise ConfigError(f"{spec.name}={list(spec.source)}: no documents (every file is empty)")
   next(sources.docs(plist[0], spec), None)
 
 
@@ -266,7 +272,7 @@ def build(spec: DataSpec, path: str, tok, *, rows_per_chunk: int, codec: str,
   total = sum(r["rows"] for r in records)
   n = min(total, spec.max_rows or total)
   if n == 0:
-    raise ConfigError(f"data.source={list(spec.source)}: no rows after tokenization (every "
+    raise ConfigError(f"{spec.name}={list(spec.source)}: no rows after tokenization (every "
                       "document is empty)")
   if p == 0 and meta.get("rows") is None:
     for name, (_, shape) in cache.token_layout(n, spec.seq_len, rows_per_chunk).items():

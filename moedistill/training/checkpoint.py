@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from moedistill.errors import UserError
+from moedistill.errors import UserError, reason
 
 
 def _handlers():
@@ -144,7 +144,7 @@ def is_damage(e: BaseException) -> bool:
 
 
 def _one_line(e: BaseException) -> str:
-  return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+  return f"{type(e).__name__}: {reason(e) if str(e) else ''}"
 
 
 def restore_params(step_dir, abstract_params) -> dict:

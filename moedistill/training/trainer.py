@@ -181,7 +181,10 @@ class Trainer:
       return 0, 0, None
     step, meta, state = got
     self.params = dict(state["params"])
-    print(f"resumed from {self.ckpt.dir / str(step)} (stage {meta['stage']}, step "
+    # meta["stage"] is an index into the stages (checked by _target_for); the user knows the
+    # stages by name.
+    print(f"resumed from {self.ckpt.dir / str(step)} (stage "
+          f"{self.job.train.stages[meta['stage']].name}, step "
           f"{meta['step_in_stage']})")
     if meta["step_in_stage"] >= self.steps[meta["stage"]]:
       return meta["stage"] + 1, 0, None
@@ -265,8 +268,10 @@ class Trainer:
     sched = optim.schedule(stage, self.job.train, self.steps[i])
     n, off, tc = self.steps[i], self.offsets[i], self.job.train
     tokens_per_step = tc.batch_size * self.reader.meta["seq_len"]
-    bar = tqdm(total=n, initial=s0, desc=f"stage {stage.name}", unit="step",
-               disable=not (self.progress and jax.process_index() == 0), mininterval=1.0)
+    # The bar is made after the first step, which compiles: its rate and ETA then count
+    # compiled steps only (until then a placeholder, closed by _stop_if_not_finite if need be).
+    show = self.progress and jax.process_index() == 0
+    bar = tqdm(disable=True)
     nxt, t0 = self.pool.submit(self._batch, off + s0), time.time()
     for s in range(s0 + 1, n + 1):  # s: steps done in this stage after this iteration
       local = nxt.result()
@@ -277,7 +282,11 @@ class Trainer:
       m = self._host_metrics(m)
       self._stop_if_not_finite(m, stage, s, off + s, bar)
       tps = tokens_per_step * (s - s0) / max(time.time() - t0, 1e-9)
-      bar.update(1)
+      if s == s0 + 1:
+        bar = tqdm(total=n, initial=s, desc=f"stage {stage.name}", unit="step",
+                   disable=not show, mininterval=1.0)
+      else:
+        bar.update(1)
       bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
       if s % tc.log_every == 0 or s == n:
         self.logger.log({"stage": stage.name, "step": s, "global_step": off + s,
