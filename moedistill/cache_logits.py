@@ -1,11 +1,14 @@
 """Cache the teacher's top-k logits and full-vocab logsumexp for the train and eval rows.
 
 CLI: python -m moedistill.cache_logits --config=configs/two_stage.py [--overwrite]
-     [--split=train|eval|both] [--phase=tokens|logits|all] [--verify]
+     [--split=train|eval|both] [--phase=tokens|logits|all] [--verify | --repair]
 Two phases: `tokens` (moedistill.data.tokens: stream, tokenize, pack, split between processes) and
 `logits` (the teacher over the token chunks). Resumable: finished pieces and chunks are
 skipped, so rerunning a killed command finishes the cache. A later start compares the data
-files' size and mtime and re-hashes only the changed ones (`--verify`: all of them).
+files' size and mtime and re-hashes only the changed ones (`--verify`: all of them, and
+every chunk of the cache is read against its crc32c: damaged rows are printed and the command
+exits 2; `--repair`: the same check, then only the damaged chunks are recomputed,
+bit-identical to an undamaged cache; see data/cache_check.py).
 Multi-host: every process runs the same command (after jax.distributed
 .initialize); each writes only the chunks it owns; process 0 writes metadata.
 """
@@ -384,13 +387,57 @@ def _finish(arrays, inflight):
     arrays["done"][c].write(np.uint8(1)).result()
 
 
+def check_chunks(job: Job, split: str) -> tuple[str, dict, dict]:
+  """(path, metadata, {array: damaged row chunks}) of the split's cache: every chunk of
+  every array read against its crc32c (data/cache_check.py); the damaged rows printed."""
+  from moedistill.data import cache_check
+  path = job.cache_path(split)
+  meta = cache.read_metadata(path)
+  if meta is None:
+    raise UserError(f"cache {path}: no metadata.json, nothing to check; run python -m "
+                    "moedistill.cache_logits to build it")
+  bad = cache_check.damaged(path, meta)
+  for line in cache_check.describe(path, meta, bad):
+    print(line)
+  return path, meta, bad
+
+
+def repair(job: Job, split: str, progress: bool = True) -> list[int]:
+  """Recomputes only the damaged chunks of the split's cache (bit-identical to an undamaged
+  cache: same batch positions, deterministic tokens); returns the row chunks rewritten."""
+  from moedistill.data import cache_check
+  path, meta, bad = check_chunks(job, split)
+  if not bad:
+    return []
+  spec = job.train_data if split == "train" else job.eval_data
+  fixed = cache_check.repair_tokens(path, meta, bad, spec, load_tokenizer(spec.tokenizer))
+  fixed += cache_check.mark_for_recompute(path, meta, bad)
+  build_cache(job, split, progress=progress)  # the logits phase: only the cleared chunks
+  left = cache_check.damaged(path, cache.read_metadata(path))
+  if left:
+    raise UserError(f"cache {path}: still damaged after --repair: "
+                    + "; ".join(cache_check.describe(path, meta, left)))
+  return sorted(set(fixed))
+
+
 def main(argv):
   from moedistill.cli import load_job
   job, flags = load_job(argv)
   splits = ("train", "eval") if flags.split == "both" else (flags.split,)
+  if flags.repair:
+    for split in splits:
+      fixed = repair(job, split)
+      print(f"cache {split}: {job.cache_path(split)}: "
+            + (f"recomputed {len(fixed)} damaged row chunks" if fixed else "no damaged chunk"))
+    return
+  damaged = []
   for split in splits:
     path = build_cache(job, split, overwrite=flags.overwrite, phase=flags.phase,
                        verify=flags.verify)
+    if flags.verify and flags.phase != "tokens":
+      from moedistill.data.cache_check import rows_text
+      _, meta, bad = check_chunks(job, split)
+      damaged += [f"{split} {name} rows {rows_text(meta, cs)}" for name, cs in bad.items()]
     if flags.phase == "tokens":
       meta = cache.read_metadata(path, tokens.META)
       print(f"tokens {split}: {path} ({meta['rows']} rows x {meta['seq_len']} tokens; "
@@ -398,8 +445,17 @@ def main(argv):
       continue
     meta = cache.read_metadata(path)
     print(f"cache {split}: {path} ({meta['rows']} rows x {meta['seq_len']} tokens, k={meta['k']})")
+  if damaged:
+    raise UserError(f"damaged cache chunks ({'; '.join(damaged)}); rerun with --repair instead "
+                    "of --verify to recompute only those")
+
+
+def define_flags():
+  from absl import flags
+  flags.DEFINE_bool("repair", False, "check every chunk of the cache against its checksum and "
+                    "recompute only the damaged ones (--verify checks and lists them)")
 
 
 if __name__ == "__main__":
   from moedistill.cli import run
-  run(main, extra_flags=("overwrite", "split", "phase", "verify"))
+  run(main, extra_flags=("overwrite", "split", "phase", "verify", define_flags))

@@ -187,3 +187,73 @@ def test_metrics_have_no_repeated_step_after_a_kill_and_resume(tmp_path, teacher
   assert "resumed from" in done.stdout
   steps = logged()
   assert steps == list(range(1, 44)), steps
+
+
+# --- 5. damaged cache chunks: --verify finds them, --repair recomputes only them -------------
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+  """An undamaged train cache made by the command, and the config that made it."""
+  from conftest import make_hf_checkpoint, make_tokenizer
+  tmp = tmp_path_factory.mktemp("cache")
+  make_hf_checkpoint(tmp / "teacher", vocab_size=64)
+  make_tokenizer(tmp / "teacher")
+  c = job_config(tmp, tmp / "teacher", train_docs=80)
+  c.cache.path = str(tmp / "cache")
+  r = run_cli("moedistill.cache_logits", f"--config={write_config_file(tmp, c)}",
+              "--split=train")
+  assert r.returncode == 0, r.stderr[-3000:]
+  return c, tmp / "cache" / "train"
+
+
+def all_arrays(path):
+  """{array: (dtype, bytes)} of every array of a cache, read whole."""
+  import tensorstore as ts
+  out = {}
+  for z in sorted(Path(path).glob("*/zarr.json")):
+    a = ts.open({"driver": "zarr3", "kvstore": f"file://{z.parent}/"}).result()
+    v = a.read().result()
+    out[z.parent.name] = (str(v.dtype), v.tobytes())
+  return out
+
+
+def truncate(f):
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("array, chunk_file, rows", [
+    ("topk_logit", "topk_logit/c/1/0/0", "4-7"),  # a logits chunk: rows 4-7
+    ("tokens", "tokens/c/0/0", "0-"),              # a token shard: its 64 row chunks
+])
+def test_truncated_chunk_verify_names_rows_and_repair_is_bit_identical(
+    tmp_path, built_cache, array, chunk_file, rows):
+  import shutil
+  from moedistill.data.cache import CacheReader
+  from moedistill.errors import UserError
+  c, undamaged = built_cache
+  c = c.copy_and_resolve_references()
+  c.cache.path = str(tmp_path / "cache")
+  shutil.copytree(undamaged, tmp_path / "cache" / "train")
+  path = tmp_path / "cache" / "train"
+  want = all_arrays(undamaged)
+  truncate(path / chunk_file)
+  with pytest.raises(UserError, match=r"cache_logits --config=\.\.\. --repair"):
+    CacheReader(str(path)).read_rows(np.arange(8))  # the reader names the command
+  cfg = write_config_file(tmp_path, c)
+  files = lambda: {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}  # noqa: E731
+  before = files()
+
+  r = run_cli("moedistill.cache_logits", f"--config={cfg}", "--split=train", "--verify")
+  assert r.returncode == 2, r.stdout + r.stderr[-3000:]
+  assert f"array {array} damaged at rows {rows}" in r.stdout, r.stdout
+  last = r.stderr.strip().splitlines()[-1]
+  assert f"train {array} rows {rows}" in last and "--repair" in last, last
+  assert files() == before  # --verify changed nothing
+
+  r = run_cli("moedistill.cache_logits", f"--config={cfg}", "--split=train", "--repair")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "recomputed" in r.stdout
+  assert all_arrays(path) == want
+  assert not any(p.is_file() for p in (path / "repair").rglob("*"))  # the scratch is gone
+  r = run_cli("moedistill.cache_logits", f"--config={cfg}", "--split=train", "--verify")
+  assert r.returncode == 0 and "damaged" not in r.stdout, r.stdout + r.stderr[-2000:]

@@ -103,7 +103,6 @@ def test_greedy_equals_transformers_on_an_exported_student(tmp_path_factory, tea
   merged, _ = hf.load_model(out)
   ours = _generate(merged, ids)
   assert ours == _transformers_greedy(out, ids)
-  assert _generate(student, ids) == ours  # the native (shared-core) student decodes the same
   assert ours != _generate(teacher, ids)  # the student is not the teacher under another name
   # The command on the export (its tokenizer copied from the teacher) prints the same tokens.
   from transformers import AutoTokenizer

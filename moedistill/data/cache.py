@@ -159,7 +159,7 @@ def open_arrays(path: str, meta: dict, create: bool = False, names=None,
 
 # Every top-level name moedistill writes at a split's cache path: nothing else is deleted.
 OWN_NAMES = ("metadata.json", "tokens.json", "staging", "tokens", "segment_ids", "tokens_done",
-             *LOGIT_ARRAYS)
+             *ALL_LOGIT_ARRAYS, "repair")  # repair: data/cache_check.py's scratch store
 
 
 def clear(path: str):
@@ -348,5 +348,6 @@ class CacheReader:
         bad = sorted({int(i) // r for i in idx})
         raise UserError(f"cache {self.path}: array {n} is damaged in a chunk among rows "
                         f"{[(c * r, c * r + r - 1) for c in bad][:4]} "
-                        f"({reason(e)}); rebuild with --overwrite") from None
+                        f"({reason(e)}); run python -m moedistill.cache_logits --config=... "
+                        "--repair to recompute the damaged chunks (--verify lists them)") from None
     return self.decode(out) if self.kind != "plain" and "rice_b" in out else out
