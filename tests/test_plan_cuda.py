@@ -58,7 +58,7 @@ def test_error_line_names_where_a_messageless_error_was_raised():
     kernel()
   except AttributeError as e:
     line = _error_line(e)
-  assert line == (f"AttributeError: raised at test_plan_cuda.py:{kernel.__code__.co_firstlineno + 1}"
-                  ": raise AttributeError()  # as jax.devices()[0].core_count on a CPU device, "
-                  "traced for CUDA")
+  at = kernel.__code__.co_firstlineno + 1
+  assert line == (f"AttributeError: raised at test_plan_cuda.py:{at}: raise AttributeError()  "
+                  "# as jax.devices()[0].core_count on a CPU device, traced for CUDA")
   assert _error_line(ValueError("\nfirst\nsecond")) == "ValueError: first"
