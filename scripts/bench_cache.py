@@ -1,10 +1,22 @@
 """Teacher-cache throughput and size: tokens/s and bytes/token on disk.
 
 Usage: python scripts/bench_cache.py [--rows 64] [--seq_len 128] [--cases tiny,vocab151936]
-Cases (random weights, random token rows, one process, all local devices):
+         [--formats plain,packed,sampled12,sampled32] [--logit_std 0] [--project_vocab 0]
+Cases (random weights, random token rows, one process, all local devices; `--teacher DIR`
+adds case `teacher`: that checkpoint, k=--k, random token rows):
   tiny         the embedded demo teacher's shape (moedistill/assets/tiny_teacher), k=32
   vocab151936  Qwen3's vocab (151936) on a small body (hidden 256, 2 layers, 8 experts), k=64
-tokens/s excludes the first (compiling) step. Prints JSON.
+Formats (docs/cache_format.md): plain (int32 ids, bf16 logits), packed (cache.format=packed),
+sampledN (cache.mode=sampled, N draws, one temperature).
+--logit_std S scales the lm_head so the teacher's logits have standard deviation S (a random
+init's are nearly flat, so its top-k log-probs are all near 0 and code to almost nothing; a
+trained LM's spread is a few nats). Ids of a random teacher are spread evenly over the vocab:
+the id stream's worst case (a trained teacher's top ids cluster among frequent tokens).
+--project_vocab V: also the bytes with the id stream projected to a vocab of V: each
+Rice-coded gap of a k-id row is about log2(gap) + 1.5 bits and stretching the ids by V / V0
+(V0 the case's vocab) stretches every gap alike, so k log2(V / V0) / 8 bytes per token are
+added to the measured id stream (packed_ids + rice_b).
+tokens/s excludes the first (compiling) step. Per array bytes on disk in `arrays`. Prints JSON.
 """
 import argparse
 import json
@@ -30,7 +42,12 @@ from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
 ASSETS = Path(__file__).resolve().parent.parent / "moedistill" / "assets" / "tiny_teacher"
 
 
+TEACHER = {"dir": None, "k": 64}
+
+
 def case_config(name) -> tuple[ModelConfig, int]:
+  if name == "teacher":
+    return ModelConfig.from_json_file(Path(TEACHER["dir"]) / "config.json"), TEACHER["k"]
   if name == "tiny":
     return ModelConfig.from_json_file(ASSETS / "config.json"), 32
   return ModelConfig(vocab_size=151936, hidden_size=256, intermediate_size=512,
@@ -43,15 +60,42 @@ def dir_bytes(path) -> int:
   return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def run_case(name, rows_n, seq_len, tmp: Path):
-  cfg, k = case_config(name)
+def make_teacher(name, tmp: Path, logit_std: float) -> Path:
+  cfg, _ = case_config(name)
+  if name == "teacher":
+    return Path(TEACHER["dir"])
   teacher_dir = tmp / f"{name}_teacher"
-  hf.save_model(Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0)), teacher_dir)
+  if teacher_dir.exists():
+    return teacher_dir
+  model = Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0))
+  if logit_std:
+    import jax.numpy as jnp
+    h, _ = model.hidden(jnp.asarray(np.arange(256).reshape(2, 128) % cfg.vocab_size,
+                                    jnp.int32), jnp.ones((2, 128), jnp.int32))
+    z = h.reshape(-1, h.shape[-1]) @ model.lm_head_kernel()
+    scale = logit_std / float(jnp.std(z))
+    if model.lm_head is None:  # tied: the embedding too (the body's RMSNorm undoes it there)
+      model.embed_tokens.embedding.value = model.embed_tokens.embedding.value * scale
+    else:
+      model.lm_head.kernel.value = model.lm_head.kernel.value * scale
+  hf.save_model(model, teacher_dir)
+  return teacher_dir
+
+
+def run_case(name, rows_n, seq_len, tmp: Path, fmt: str = "plain", logit_std: float = 0.0,
+             project_vocab: int = 0):
+  cfg, k = case_config(name)
+  teacher_dir = make_teacher(name, tmp, logit_std)
   r = np.random.default_rng(0)
   c = get_config()
-  c.teacher, c.workdir = str(teacher_dir), str(tmp / name)
+  c.teacher, c.workdir = str(teacher_dir), str(tmp / f"{name}_{fmt}")
   c.data.seq_len, c.cache.k = seq_len, k
   c.cache.rows_per_chunk, c.cache.chunks_per_step = 8, 2
+  if fmt == "packed":
+    c.cache.format = "packed"
+  elif fmt.startswith("sampled"):
+    c.cache.mode, c.cache.samples, c.cache.temperatures = "sampled", int(fmt[7:]), [1.0]
+    c.train.kd_mode = "sampled"
   job = job_from_config(c)
   tmeta = tokens.write_rows(job.cache_path("train"),
                             r.integers(0, cfg.vocab_size, (rows_n, seq_len)).astype(np.int32),
@@ -63,11 +107,31 @@ def run_case(name, rows_n, seq_len, tmp: Path):
   dt = time.time() - t0
   n_tokens = rows_n * seq_len
   meta = json.loads((Path(path) / "metadata.json").read_text())
-  return dict(case=name, vocab=cfg.vocab_size, k=k, rows=rows_n, seq_len=seq_len,
-              tokens_per_s=meta["stats"]["tokens_per_s_after_first_step"],
-              seconds_total_with_compile=round(dt, 2),
-              bytes_per_token=round(dir_bytes(path) / n_tokens, 1),
-              bytes_per_token_raw=meta["bytes_per_token_raw"])
+  arrays = {d.name: round(dir_bytes(d) / n_tokens, 2) for d in sorted(Path(path).iterdir())
+            if d.is_dir()}
+  per_token = dir_bytes(path) / n_tokens
+  out = dict(case=name, format=fmt, vocab=cfg.vocab_size, k=k, rows=rows_n, seq_len=seq_len,
+             logit_std=logit_std, tokens_per_s=meta["stats"]["tokens_per_s_after_first_step"],
+             seconds_total_with_compile=round(dt, 2),
+             bytes_per_token=round(per_token, 1),
+             bytes_per_token_metadata=meta["stats"].get("bytes_per_token_disk"),
+             bytes_per_token_raw=meta["bytes_per_token_raw"], arrays=arrays)
+  if not fmt.startswith("sampled"):
+    out["bytes_per_entry"] = round(per_token / k, 3)
+    if fmt == "packed":
+      from moedistill.data import cache
+      from moedistill.data.topk_codec import STEP
+      rows = cache.CacheReader(path).read_rows(np.arange(min(rows_n, 16)))
+      out["teacher_topk_mass_T1"] = round(float(np.exp(
+          rows["topk_logit"].astype(np.float64) - rows["lse"][..., :1]).sum(-1).mean()), 4)
+      out["added_kl_bound_T1"] = STEP ** 2 / 8
+  if project_vocab and project_vocab != cfg.vocab_size and "packed_ids" in arrays:
+    extra = (k if not fmt.startswith("sampled") else int(fmt[7:])) * np.log2(
+        project_vocab / cfg.vocab_size) / 8
+    out["projected"] = {"vocab": project_vocab,
+                        "bytes_per_token": round(per_token + extra, 1),
+                        "bytes_per_entry": round((per_token + extra) / k, 3)}
+  return out
 
 
 def main():
@@ -75,12 +139,20 @@ def main():
   ap.add_argument("--rows", type=int, default=64)
   ap.add_argument("--seq_len", type=int, default=128)
   ap.add_argument("--cases", default="tiny,vocab151936")
+  ap.add_argument("--formats", default="plain")
+  ap.add_argument("--logit_std", type=float, default=0.0)
+  ap.add_argument("--project_vocab", type=int, default=0)
+  ap.add_argument("--teacher", default="")
+  ap.add_argument("--k", type=int, default=64)
   a = ap.parse_args()
+  TEACHER.update(dir=a.teacher, k=a.k)
   res = {"backend": jax.default_backend(), "devices": jax.device_count(),
          "cpu_count": os.cpu_count(), "cases": []}
   with tempfile.TemporaryDirectory() as tmp:
     for name in a.cases.split(","):
-      res["cases"].append(run_case(name, a.rows, a.seq_len, Path(tmp)))
+      for fmt in a.formats.split(","):
+        res["cases"].append(run_case(name, a.rows, a.seq_len, Path(tmp), fmt, a.logit_std,
+                                     a.project_vocab))
   print(json.dumps(res, indent=2))
 
 

@@ -309,3 +309,34 @@ def test_bad_cache_format_cli_exit_2(tmp_path, teacher_dir):
   assert res.returncode == 2, res.stderr[-2000:]
   err = res.stderr.strip().splitlines()
   assert len(err) == 1 and "config.cache.format='zip'" in err[0], res.stderr[-2000:]
+
+
+def test_train_and_report_on_a_sampled_cache(tmp_path):
+  """train end to end (cache, compress, train, export, report) with a sampled cache of the
+  demo teacher, N=12 draws: the student's held-out KL against the draws falls (differences of
+  that KL between models are unbiased: training/held_out.py), and the report carries it."""
+  from pathlib import Path
+
+  import moedistill
+  from conftest import job_config
+  from moedistill.config import job_from_config
+  from moedistill.data.cache import CacheReader
+  from moedistill.report import evaluate_path
+  from moedistill.train import train
+  c = job_config(tmp_path, "unused")
+  assets = Path(moedistill.__file__).parent / "assets"
+  c.teacher = str(assets / "tiny_teacher")
+  c.data.train.source = [str(assets / "corpus" / "train.jsonl")]
+  c.data.eval.source = [str(assets / "corpus" / "heldout.jsonl")]
+  c.data.seq_len, c.data.train.max_rows, c.data.eval.max_rows = 32, 64, 16
+  c.cache.mode, c.cache.samples, c.cache.temperatures = "sampled", 12, [1.0]
+  c.train.kd_mode, c.train.warmup_steps, c.train.batch_size = "sampled", 0, 8
+  c.stage_order = "all"
+  c.stages.all.steps, c.stages.all.lr = 8, 3e-3
+  job = job_from_config(c)
+  export = train(job, progress=False)
+  held_out = CacheReader(job.cache_path("eval"))
+  assert held_out.kind == "sampled"
+  res = [evaluate_path(job, p, held_out) for p in (job.student_init, export)]
+  assert all(r["kl_kind"] == "sampled" for r in res)
+  assert res[1]["kl"] < 0.9 * res[0]["kl"], res

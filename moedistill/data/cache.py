@@ -260,7 +260,7 @@ class CacheReader:
               (m["seq_len"] == seq_len, f"seq_len={m['seq_len']}, expected {seq_len}"),
               (tokenizer_hash is None or m["tokenizer_hash"] == tokenizer_hash,
                "tokenizer_hash differs from the configured tokenizer's")]
-    if self.kind == "sampled":
+    if self.kind == "sampled" and temperature is not None:  # a loss at T reads it
       t = m["temperatures"][0]
       checks += [(mode not in ("bucket", "renormalize"), f"a sampled cache (format "
                   f"{m['format']}) cannot feed kd mode {mode}: its draws are not top-k "
