@@ -70,7 +70,8 @@ def get_config(arg: str = ""):
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "auto"               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
   c.model.param_dtype = "float32"      # parameter dtype
-  c.model.moe_backend = "auto"         # auto (sorted on CPU) | sorted | ragged | capacity | mgpu
+  c.model.moe_backend = "auto"         # auto (exact, per device and shapes: docs/gpu.md) |
+                                       # sorted | ragged | capacity | mgpu | pallas | ragged_vjp
   c.model.capacity_factor = 1.25       # capacity backend only
   c.model.ep_capacity_factor = 0.0     # mesh.expert > 1 with a dropless backend: all-to-all
                                        # buffers in even shares; 0 = worst case (never drops),
@@ -78,9 +79,9 @@ def get_config(arg: str = ""):
   c.model.remat = "none"               # per decoder layer: none (save all) | full (save only
                                        # its input, recompute it) | dots (save projection
                                        # matmul outputs, recompute the rest)
-  c.model.attention = "auto"           # auto (cudnn on NVIDIA GPU, else blocked for rows longer
-                                       # than attention_block, else plain) | plain | blocked |
-                                       # cudnn
+  c.model.attention = "auto"           # auto (pallas on NVIDIA GPUs, else blocked for rows
+                                       # longer than attention_block, else plain) | plain |
+                                       # blocked | cudnn | pallas
   c.model.attention_block = 512        # query/key block of blocked attention (memory ~ block^2)
   c.model.scan_layers = False          # lax.scan over identical decoder layers instead of an
                                        # unrolled loop (same param paths; see bench_compile.py)
