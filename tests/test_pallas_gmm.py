@@ -155,14 +155,23 @@ def test_model_pallas_equals_sorted(compression):
     _close(a, b, F32_TOL)
 
 
-def test_kernels_lower_for_cuda_through_triton():
+@pytest.mark.parametrize("m,e,k,f", [
+    (60, 4, 4, 20),             # rank 4, one padded block each way
+    (16384 * 8, 128, 2048, 1536),  # Qwen3-30B-A3B gate+up at 16k tokens, top-8
+    (16384 * 8, 128, 768, 2048),   # and down
+])
+def test_kernels_lower_for_cuda_through_triton(m, e, k, f):
   """Forward, dx and dW kernels go through Pallas' Triton lowering (its power-of-two and dot
-  size rules) into Triton custom calls, without a GPU."""
-  te = jnp.asarray([0, 0, 2, 3], jnp.int32)
-  x, w = jnp.zeros((64, 4), jnp.bfloat16), jnp.zeros((4, 4, 20), jnp.float32)
-  f = lambda x, w: jnp.sum(pallas_gmm.gmm(x, w, te, jnp.int32(3)).astype(jnp.float32))  # noqa
+  size rules) into Triton custom calls, without a GPU (abstract operands: nothing allocated)."""
+  tm = pallas_gmm.row_tile(m, e)
+  n = m // tm + e
+  te = jnp.zeros((n,), jnp.int32)
+  x = jax.ShapeDtypeStruct((n * tm, k), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((e, k, f), jnp.float32)
+  f_ = lambda x, w: jnp.sum(pallas_gmm.gmm(x, w, te, jnp.int32(3)).astype(jnp.float32))  # noqa
   with pallas_gmm.triton_lowering():
-    text = jax.jit(jax.value_and_grad(f, (0, 1))).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(jax.value_and_grad(f_, (0, 1))).trace(x, w).lower(
+        lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 3
   for name in ("gmm", "gmm_dx", "gmm_dw"):
     assert f'name = "{name}"' in text
