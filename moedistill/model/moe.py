@@ -13,7 +13,10 @@ Backends: `ragged` (jax.lax.ragged_dot over sorted copies, dropless, exact on CP
 path; padding rows are zero, p = buffer rows),
 `capacity` (GShard [e, c, d] batched einsum; copies past capacity are dropped and counted),
 `mgpu` (Hopper Mosaic-GPU grouped matmuls under a custom VJP, gmm.py) and `ragged_vjp` (the
-same custom-VJP wiring with the exact reference kernel, so CPU tests cover it).
+same custom-VJP wiring with the exact reference kernel, so CPU tests cover it),
+`pallas` (the `sorted` layout in power-of-two tiles of 16..64 rows through Pallas kernels for
+the Triton lowering, pallas_gmm.py: exact, dropless, any GPU from Ampere on; interpret mode on
+CPU).
 """
 from __future__ import annotations
 
