@@ -12,9 +12,9 @@ Backends: `ragged` (jax.lax.ragged_dot over sorted copies, dropless, exact on CP
 `sorted` (the same copies in one-expert row tiles, one batched matmul: exact, dropless, the CPU
 path; padding rows are zero, p = buffer rows),
 `capacity` (GShard [e, c, d] batched einsum; copies past capacity are dropped and counted),
-`mgpu` (Hopper Mosaic-GPU grouped matmuls under a custom VJP, gmm.py) and `ragged_vjp` (the
+`mgpu` (Hopper Mosaic-GPU grouped matmuls under a custom VJP, gmm.py), `ragged_vjp` (the
 same custom-VJP wiring with the exact reference kernel, so CPU tests cover it),
-`pallas` (the `sorted` layout in power-of-two tiles of 16..64 rows through Pallas kernels for
+and `pallas` (the `sorted` layout in power-of-two tiles of 16..64 rows through Pallas kernels for
 the Triton lowering, pallas_gmm.py: exact, dropless, any GPU from Ampere on; interpret mode on
 CPU).
 """
