@@ -244,12 +244,12 @@ def build_cache(job: Job, split: str, *, overwrite: bool = False, mesh=None, tea
   (benchmarks) stands in for the tokens phase."""
   spec = job.train_data if split == "train" else job.eval_data
   path = job.cache_path(split)
-  if phase != "tokens":  # before any work: refuse a dropping backend (make_forward checks too)
-    check_exact(job.model if teacher is None else teacher.runtime,
-                mesh or sharding.make_mesh(job.mesh))
   if tokens_meta is None:
     if phase != "tokens" and not (overwrite or checked) and finished(job, split, verify):
-      return path
+      return path  # made already (by an exact backend): reusable whatever this run computes with
+    if phase != "tokens":  # before any work: refuse a dropping backend (make_forward checks too)
+      check_exact(job.model if teacher is None else teacher.runtime,
+                  mesh or sharding.make_mesh(job.mesh))
     tokens_meta = _tokens_phase(job, split, phase, overwrite, verify, progress)
   if phase == "tokens":
     return path

@@ -39,6 +39,8 @@ def test_cache_and_evaluate_refuse_capacity_and_the_cache_records_it(tmp_path, t
       "moe_backend": "sorted", "attention": "auto", "dtype": "float32", "platform": "cpu",
       "device_kind": "cpu"}
   assert build_cache(ok, "eval", progress=False) == out
+  # A run that trains with capacity reuses the finished exact cache (nothing to compute).
+  assert build_cache(job, "eval", progress=False) == out
   # Held-out evaluation refuses a dropping model the same way, and runs an exact one.
   from moedistill.training.held_out import evaluate_model
   reader = cache.CacheReader(out)
