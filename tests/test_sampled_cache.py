@@ -340,3 +340,19 @@ def test_train_and_report_on_a_sampled_cache(tmp_path):
   res = [evaluate_path(job, p, held_out) for p in (job.student_init, export)]
   assert all(r["kl_kind"] == "sampled" for r in res)
   assert res[1]["kl"] < 0.9 * res[0]["kl"], res
+
+
+def test_plan_accepts_a_sampled_cache():
+  """plan compiles the sampled cache's forward (with its uniforms) and the eval program on
+  its batches (exact_k + samples float32 weights)."""
+  import json
+
+  from conftest import run_cli
+  r = run_cli("moedistill.plan", "--devices=8", "--config=configs/two_stage.py",
+              "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.data.seq_len=32",
+              "--config.cache.mode=sampled", "--config.cache.samples=12",
+              "--config.cache.exact_k=2", "--config.cache.temperatures=1",
+              "--config.train.kd_mode=sampled", "--programs=cache_forward,eval,train")
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert {"cache_forward", "eval", "train_all"} <= set(out["programs"])
