@@ -3,7 +3,8 @@
 Usage: python scripts/bench_cache.py [--rows 64] [--seq_len 128] [--cases tiny,vocab151936]
          [--formats plain,packed,sampled12,sampled32] [--logit_std 0] [--project_vocab 0]
 Cases (random weights, random token rows, one process, all local devices; `--teacher DIR`
-adds case `teacher`: that checkpoint, k=--k, random token rows):
+adds case `teacher`: that checkpoint, k=--k, random token rows or, with --text FILE.jsonl,
+that text through the checkpoint's tokenizer.json):
   tiny         the embedded demo teacher's shape (moedistill/assets/tiny_teacher), k=32
   vocab151936  Qwen3's vocab (151936) on a small body (hidden 256, 2 layers, 8 experts), k=64
 Formats (docs/cache_format.md): plain (int32 ids, bf16 logits), packed (cache.format=packed),
@@ -82,6 +83,23 @@ def make_teacher(name, tmp: Path, logit_std: float) -> Path:
   return teacher_dir
 
 
+def token_rows(name, cfg, r, rows_n, seq_len):
+  """Random ids; for case `teacher` with --text, that jsonl's "text" through the teacher's
+  tokenizer (tokenizer.json), concatenated and cut into rows."""
+  if name != "teacher" or not TEACHER.get("text"):
+    return r.integers(0, cfg.vocab_size, (rows_n, seq_len)).astype(np.int32)
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(str(Path(TEACHER["dir"]) / "tokenizer.json"))
+  ids = []
+  for line in open(TEACHER["text"]):
+    ids += tok.encode(json.loads(line)["text"]).ids
+    if len(ids) >= rows_n * seq_len:
+      break
+  if len(ids) < rows_n * seq_len:
+    raise SystemExit(f"--text {TEACHER['text']}: {len(ids)} tokens, need {rows_n * seq_len}")
+  return np.asarray(ids[:rows_n * seq_len], np.int32).reshape(rows_n, seq_len)
+
+
 def run_case(name, rows_n, seq_len, tmp: Path, fmt: str = "plain", logit_std: float = 0.0,
              project_vocab: int = 0):
   cfg, k = case_config(name)
@@ -98,7 +116,7 @@ def run_case(name, rows_n, seq_len, tmp: Path, fmt: str = "plain", logit_std: fl
     c.train.kd_mode = "sampled"
   job = job_from_config(c)
   tmeta = tokens.write_rows(job.cache_path("train"),
-                            r.integers(0, cfg.vocab_size, (rows_n, seq_len)).astype(np.int32),
+                            token_rows(name, cfg, r, rows_n, seq_len),
                             np.ones((rows_n, seq_len), np.int32), rows_per_chunk=8,
                             codec=job.cache.codec, fingerprint=f"bench-{name}",
                             tokenizer_hash="none")
@@ -144,8 +162,9 @@ def main():
   ap.add_argument("--project_vocab", type=int, default=0)
   ap.add_argument("--teacher", default="")
   ap.add_argument("--k", type=int, default=64)
+  ap.add_argument("--text", default="", help="case teacher: a jsonl of {'text': ...} rows")
   a = ap.parse_args()
-  TEACHER.update(dir=a.teacher, k=a.k)
+  TEACHER.update(dir=a.teacher, k=a.k, text=a.text)
   res = {"backend": jax.default_backend(), "devices": jax.device_count(),
          "cpu_count": os.cpu_count(), "cases": []}
   with tempfile.TemporaryDirectory() as tmp:
