@@ -177,7 +177,9 @@ def run_group(jobs, grid, members, todo, mesh, teacher_eval) -> dict[int, dict]:
 def batched_allowed(mode: str, job0, mesh) -> bool:
   """Whether groups may be batched at all; `on` where they cannot is refused."""
   why = ("a mesh of more than one device" if mesh.size > 1 or jax.process_count() > 1 else
-         "config.train.restart_from" if job0.train.restart_from else None)
+         "config.train.restart_from" if job0.train.restart_from else
+         # the batched step vmaps students only; an online teacher runs per point (train)
+         "config.train.teacher_mode=online" if job0.train.teacher_mode == "online" else None)
   if mode == "on" and why:
     raise UserError(f"--sweep.batched=on: not available with {why}; use "
                     "--sweep.batched=off")

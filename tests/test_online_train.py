@@ -120,3 +120,21 @@ def test_bad_teacher_mode_is_one_line(tmp_path):
   with pytest.raises(ConfigError) as e:
     job_from_config(c)
   assert str(e.value) == "config.train.teacher_mode='live': expected one of ['cache', 'online']"
+
+
+def test_sweep_trains_online_points_one_by_one(tmp_path):
+  """The batched sweep vmaps students only: online points are trained one by one (auto) and
+  --sweep.batched=on is refused naming the field."""
+  from moedistill import sharding
+  from moedistill.config import job_from_config
+  from moedistill.errors import UserError
+  from moedistill.sweep import batched_allowed
+  make_hf_checkpoint(tmp_path / "teacher", vocab_size=64)
+  job = job_from_config(online_config(tmp_path))
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=sharding.jax.devices()[:1])
+  assert batched_allowed("auto", job, mesh) is False
+  with pytest.raises(UserError, match="config.train.teacher_mode=online"):
+    batched_allowed("on", job, mesh)
+  c = online_config(tmp_path)
+  c.train.teacher_mode = "cache"
+  assert batched_allowed("auto", job_from_config(c), mesh) is True
