@@ -100,6 +100,30 @@ def token_rows(name, cfg, r, rows_n, seq_len):
   return np.asarray(ids[:rows_n * seq_len], np.int32).reshape(rows_n, seq_len)
 
 
+def added_kl(plain_path, packed_path, temperature=1.0, rows=16):
+  """Mean and max over tokens of KL(plain-decoded || packed-decoded) at T, each a top-k plus
+  an evenly spread tail (data/topk_codec.py): both have the same tail spread, so it is the
+  KL of the bucketed distributions {each top-k id, tail}. Plain's bf16 logits stand in for
+  the exact teacher (within bf16 rounding); positions whose top-k id sets differ (ties at
+  rank k) are left out and counted."""
+  from moedistill.data import cache
+  a, b = (cache.CacheReader(x).read_rows(np.arange(rows)) for x in (plain_path, packed_path))
+  j = cache.CacheReader(plain_path).temperature_index(temperature)
+  k = a["topk_idx"].shape[-1]
+  ia, ib = (np.argsort(x["topk_idx"].reshape(-1, k), 1) for x in (a, b))
+  ids_a = np.take_along_axis(a["topk_idx"].reshape(-1, k), ia, 1)
+  ids_b = np.take_along_axis(b["topk_idx"].reshape(-1, k), ib, 1)
+  same = (ids_a == ids_b).all(1)
+  lp = [np.take_along_axis(x["topk_logit"].reshape(-1, k).astype(np.float64), i, 1)
+        / temperature - x["lse"].reshape(-1, x["lse"].shape[-1])[:, j:j + 1]
+        for x, i in ((a, ia), (b, ib))]
+  p, q = np.exp(lp[0]), np.exp(lp[1])
+  tp, tq = np.clip(1 - p.sum(1), 1e-300, 1), np.clip(1 - q.sum(1), 1e-300, 1)
+  kl = (p * (lp[0] - lp[1])).sum(1) + tp * (np.log(tp) - np.log(tq))
+  return {"mean": float(kl[same].mean()), "max": float(kl[same].max()),
+          "positions": int(same.sum()), "left_out_ties": int((~same).sum())}
+
+
 def run_case(name, rows_n, seq_len, tmp: Path, fmt: str = "plain", logit_std: float = 0.0,
              project_vocab: int = 0):
   cfg, k = case_config(name)
@@ -172,6 +196,11 @@ def main():
       for fmt in a.formats.split(","):
         res["cases"].append(run_case(name, a.rows, a.seq_len, Path(tmp), fmt, a.logit_std,
                                      a.project_vocab))
+      done = {c["format"]: c for c in res["cases"] if c["case"] == name}
+      if "plain" in done and "packed" in done:
+        done["packed"]["added_kl_vs_plain_T1"] = added_kl(
+            Path(tmp) / f"{name}_plain" / "cache" / "train",
+            Path(tmp) / f"{name}_packed" / "cache" / "train")
   print(json.dumps(res, indent=2))
 
 
