@@ -119,12 +119,19 @@ def point_settings(job) -> dict:
   import dataclasses
   out = {}
 
+  def plain(v):  # a set's order varies between runs (string hashing): sorted
+    if isinstance(v, (set, frozenset)):
+      return sorted(map(str, v))
+    if isinstance(v, (list, tuple)):
+      return [plain(x) for x in v]
+    return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+
   def walk(prefix, v):
     if isinstance(v, dict):
       for k, x in v.items():
         walk(f"{prefix}.{k}" if prefix else str(k), x)
     else:
-      out[prefix] = v
+      out[prefix] = plain(v)
   walk("", {k: v for k, v in dataclasses.asdict(job).items() if k != "workdir"})
   return json.loads(json.dumps(out, default=str))
 
