@@ -130,11 +130,12 @@ def put_rows(mesh, arr: np.ndarray):
 
 def summary(calls, prompts: int, greedy: bool, rows: int, compile_s: float) -> str:
   """The tokens/s line. A compiled program's first call also pays one-time runtime setup
-  (0.32 s against 0.02 s for the next calls of the tiny teacher's, batch 4, 32 tokens), so with
-  several calls the rate after the first is given too."""
+  (tiny teacher, batch 8, 64 tokens, 4 calls: about 0.40 s for the first, 0.09 s for each
+  later one; docs/generate.md), so with several calls the rate after the first is given too."""
   secs, new = (sum(c) for c in zip(*calls))
   line = (f"# {prompts} prompts, {new} new tokens in {secs:.3f} s: {new / secs:.1f} tokens/s "
-          f"({'greedy' if greedy else 'sampled'}, batch {rows}, {len(calls)} calls, "
+          f"({'greedy' if greedy else 'sampled'}, batch {rows}, {len(calls)} "
+          f"call{'s' * (len(calls) != 1)}, "
           f"compile {compile_s:.1f} s")
   if len(calls) > 1:
     rest_s, rest_new = (sum(c) for c in zip(*calls[1:]))
