@@ -257,3 +257,21 @@ def test_truncated_chunk_verify_names_rows_and_repair_is_bit_identical(
   assert not any(p.is_file() for p in (path / "repair").rglob("*"))  # the scratch is gone
   r = run_cli("moedistill.cache_logits", f"--config={cfg}", "--split=train", "--verify")
   assert r.returncode == 0 and "damaged" not in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_replacing_an_export_never_leaves_neither(tmp_path, teacher_dir, monkeypatch):
+  import os
+  from moedistill.hub import hf
+  from moedistill.model.layers import Runtime
+  model, _ = hf.load_model(teacher_dir[0], Runtime())
+  out = tmp_path / "export"
+  hf.save_model(model, out)
+  missing, real = [], os.replace
+
+  def watched(a, b):
+    real(a, b)
+    missing.append(not (out / "config.json").exists())  # after every rename
+  monkeypatch.setattr(os, "replace", watched)
+  hf.save_model(model, out)
+  assert missing and not any(missing), missing
+  assert (out / "model.safetensors").exists() and not (tmp_path / "export.old").exists()
