@@ -406,6 +406,9 @@ def repair(job: Job, split: str, progress: bool = True) -> list[int]:
   """Recomputes only the damaged chunks of the split's cache (bit-identical to an undamaged
   cache: same batch positions, deterministic tokens); returns the row chunks rewritten."""
   from moedistill.data import cache_check
+  if jax.process_count() > 1:  # the check, the deletions and the copies are not split up
+    raise UserError(f"--repair: run it in one process ({jax.process_count()} were started); "
+                    "the repaired cache serves every process")
   path, meta, bad = check_chunks(job, split)
   if not bad:
     return []
