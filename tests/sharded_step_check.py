@@ -37,7 +37,17 @@ def batch(cfg, b=8, t=12, k=5, seed=0):
           "lse": lse.astype(np.float32)}
 
 
-def run(mesh_shape, micro, aux_coef):
+def capture_gradients():
+  """An optax transformation whose state is the last gradient it was given and whose update
+  is zero: the step's gradients come back exactly as computed (no optimizer in between)."""
+  return optax.GradientTransformation(
+      lambda p: jax.tree.map(jnp.zeros_like, p),
+      lambda g, state, params=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+
+def run(mesh_shape, micro, aux_coef, grads: bool = False):
+  """One step; `grads`: return the trainable params' gradients ("grads") instead of the
+  params after an SGD step."""
   cfg = tiny()
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), jax.devices()[:int(np.prod(mesh_shape))])
   model = Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), compression=Compression(3, 3, 2))
@@ -52,7 +62,7 @@ def run(mesh_shape, micro, aux_coef):
   _, paths, _ = optim.build(stage, tc, {k: v.shape for k, v in params.items()}, 3)
   # Plain SGD: the update is the gradient itself, so any wrong gradient shows in the params,
   # even a wrong scale, which Adam's first step (~lr*sign(g)) would hide.
-  tx = optax.sgd(1e-2)
+  tx = capture_gradients() if grads else optax.sgd(1e-2)
   tr = {k: v for k, v in params.items() if k in paths}
   fr = {k: v for k, v in params.items() if k not in paths}
   sc = StepConfig(0.5, 2.0, "bucket", 1, 32, micro, aux_coef, cfg.num_experts_per_tok)
@@ -63,7 +73,9 @@ def run(mesh_shape, micro, aux_coef):
   for _ in range(1):
     tr, opt, m = step(tr, fr, opt, b)
     losses += [float(m["loss"]), float(m["grad_norm"]), float(m["kl"])]
-  return {"losses": losses, "params": {k: np.asarray(v).ravel().tolist() for k, v in tr.items()},
+  out = opt if grads else tr
+  return {"losses": losses, ("grads" if grads else "params"): {
+      k: np.asarray(v).ravel().tolist() for k, v in out.items()},
           "sizes": {k: int(v.size) for k, v in tr.items()}}
 
 

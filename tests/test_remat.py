@@ -52,20 +52,22 @@ def test_each_policy_equals_none_in_value_and_gradient():
 
 
 def _one_step(remat, micro):
+  """(metrics, gradients of the trainable params) of one train step."""
   model = _student(Runtime(remat=remat))
   g, t, params = P.split(model)
   stage = Stage("s", 1, 0.0, (Group(".*embed.*", 0.0, None), Group(".*", 1.0, None)), 1e-2, 0.5,
                 2.0, 0)
   tc = TrainConfig(8, micro, "bucket", 32, "constant", 0.1, 0.0, 1.0, 0.9, 0.99, 10, 2, 1,
                    (stage,))
-  tx, paths, _ = optim.build(stage, tc, {k: v.shape for k, v in params.items()}, 1)
+  _, paths, _ = optim.build(stage, tc, {k: v.shape for k, v in params.items()}, 1)
+  tx = S.capture_gradients()  # its state after the step is the step's gradients
   tr = {k: v for k, v in params.items() if k in paths}
   fr = {k: v for k, v in params.items() if k not in paths}
   # Router aux loss off: it is per micro-batch by design, so only it would differ.
   sc = StepConfig(0.5, 2.0, "bucket", 1, 32, micro, 0.0, tiny().num_experts_per_tok)
   batch = {k: jnp.asarray(v) for k, v in S.batch(tiny()).items()}
-  tr, _, m = jax.jit(make_train_step(g, t, tx, sc))(tr, fr, tx.init(tr), batch)
-  return m, tr
+  _, grads, m = jax.jit(make_train_step(g, t, tx, sc))(tr, fr, tx.init(tr), batch)
+  return m, grads
 
 
 def test_micro_batches_with_each_policy_match_one_batch_without_remat():
@@ -74,9 +76,17 @@ def test_micro_batches_with_each_policy_match_one_batch_without_remat():
     m, p = _one_step(remat, 4)
     for key in ("loss", "kl", "grad_norm"):
       np.testing.assert_allclose(m[key], ref_m[key], rtol=1e-5, err_msg=f"{remat} {key}")
+    top = max(np.abs(np.asarray(v)).max() for v in ref_p.values())
+    assert top > 0
     for k in ref_p:
-      # Adam's first step is ~lr*sign(g): see tests/test_sharded_step.py for this atol.
-      np.testing.assert_allclose(p[k], ref_p[k], atol=5e-5, err_msg=f"{remat} {k}")
+      # The gradients themselves (after an Adam step, ~lr*sign(g), any gradient of the right
+      # sign passed): float32 sums over 4 micro-batches in another order differ by < 1e-6 of
+      # a param's largest entry (measured: 6.5e-7); a recomputation that changed a value, by
+      # far more. Params whose true gradient is 0 (the routers and wrapper `a` factors: with
+      # zero-initialised wrapper `b` factors every expert computes the same) hold only
+      # rounding noise, measured against 1e-4 of the largest gradient of the model.
+      a, b = np.asarray(p[k]), np.asarray(ref_p[k])
+      assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-4 * top), (remat, k)
 
 
 def test_unknown_policy_is_refused():
