@@ -6,7 +6,8 @@ Two layouts besides today's `plain` (int32 ids, bf16 logits; see data/cache.py):
   ids     sorted ascending and Rice-coded as gaps (g_0 = id_0, g_j = id_j - id_{j-1} - 1) with
           a per-position parameter b (`rice_b`, uint8: the b of 0..MAX_B that gives the fewest
           bits). The quotients g >> b go, in unary (q zeros then a one), into one bit stream per
-          row chunk, followed (byte-aligned) by the b low bits of every gap. The stream lies
+          row chunk, after a 4-byte header (the unary part's bytes),
+          followed (byte-aligned) by the b low bits of every gap (grouped by b). The stream lies
           left-aligned in a fixed-size per-chunk field (`packed_ids`, [n_chunks, cap] uint8) of
           its worst case (`stream_cap`); zstd (required) reduces the zero padding to a few
           bytes, so the bytes on disk are the stream's own.
@@ -48,9 +49,9 @@ def stream_cap(positions: int, k: int, vocab: int) -> int:
   """Bytes that hold any chunk's stream of `positions` x at most k ids < vocab: the chosen b
   costs at most what b' = floor(log2(vocab / k)) costs, n (b' + 1) unary ones and remainder
   bits plus sum_j (g_j >> b') <= (sum_j g_j) >> b' <= vocab >> b' unary zeros; plus two
-  byte alignments."""
+  byte alignments and the 4-byte header."""
   b = max(0, int(np.floor(np.log2(max(vocab / max(k, 1), 1.0)))))
-  return -(-positions * (k * (b + 1) + (vocab >> b)) // 8) + 2
+  return -(-positions * (k * (b + 1) + (vocab >> b)) // 8) + 2 + 4
 
 
 def pack_ids(ids_pk, n_p):
@@ -64,20 +65,27 @@ def pack_ids(ids_pk, n_p):
   gaps = np.where(valid, ids_pk - prev - 1, 0)
   if np.any(gaps < 0):
     raise ValueError("pack_ids: ids are not strictly ascending within a position")
-  bs = np.arange(MAX_B + 1)
-  cost = (gaps[None] >> bs[:, None, None]).sum(-1) + n_p[None] * (bs[:, None] + 1)
-  b_p = np.argmin(cost, axis=0).astype(np.uint8)
+  # The best b is within 2 of floor(log2(mean gap)) (a Rice code's cost is convex in b and
+  # its optimum is near log2(mean gap ln 2)): try those 5 (cheaper than all of 0..MAX_B).
+  mean = gaps.sum(1) / np.maximum(n_p, 1)
+  b0 = np.floor(np.log2(np.maximum(mean, 1.0))).astype(np.int64)
+  bs = np.clip(b0[None, :] + np.arange(-2, 3)[:, None], 0, MAX_B)  # [5, P]
+  cost = (gaps[None] >> bs[:, :, None]).sum(-1) + n_p[None] * (bs + 1)
+  b_p = np.take_along_axis(bs, np.argmin(cost, axis=0)[None], 0)[0].astype(np.uint8)
   g = gaps[valid]
   b_e = np.repeat(b_p.astype(np.int64), n_p)
   q = g >> b_e
   unary = np.zeros(int((q + 1).sum()), np.uint8)
   unary[np.cumsum(q + 1) - 1] = 1
-  rem = np.zeros(int(b_e.sum()), np.uint8)
-  off = np.cumsum(b_e) - b_e
-  for t in range(int(b_e.max(initial=0))):  # bit t of each remainder, most significant first
-    sel = b_e > t
-    rem[off[sel] + t] = (g[sel] >> (b_e[sel] - 1 - t)) & 1
-  return np.concatenate([np.packbits(unary), np.packbits(rem)]), b_p
+  # Remainders grouped by b (ascending), entry order within a group, each b bits most
+  # significant first: a group is one [entries, b] bit matrix (the decoder knows every b).
+  bits32 = np.unpackbits((g & ((1 << b_e) - 1)).astype(">u4").view(np.uint8).reshape(-1, 4),
+                         axis=1)
+  rem = [bits32[b_e == b, 32 - b:].ravel() for b in np.unique(b_e) if b]
+  rem = np.concatenate(rem) if rem else np.zeros(0, np.uint8)
+  unary = np.packbits(unary)
+  head = np.asarray([len(unary)], "<u4").view(np.uint8)
+  return np.concatenate([head, unary, np.packbits(rem)]), b_p
 
 
 def unpack_ids(stream, b_p, n_p, K: int):
@@ -87,18 +95,24 @@ def unpack_ids(stream, b_p, n_p, K: int):
   out = np.zeros((P, K), np.int32)
   if E == 0:
     return out
-  bits = np.unpackbits(np.asarray(stream, np.uint8))
-  ones = np.flatnonzero(bits)[:E]  # the unary part comes first: its E ones end the E codes
-  if len(ones) < E:
-    raise ValueError("unpack_ids: the id stream is truncated")
+  stream = np.asarray(stream, np.uint8)
+  u = int(stream[:4].view("<u4")[0])
+  ones = np.flatnonzero(np.unpackbits(stream[4:4 + u]))  # each of the E ones ends a code
+  if len(ones) != E:
+    raise ValueError(f"unpack_ids: {len(ones)} unary codes in the id stream, expected {E}")
   q = np.diff(ones, prepend=-1) - 1
-  start = -(-(int(ones[-1]) + 1) // 8) * 8
+  bits = np.unpackbits(stream[4 + u:])
+  start = 0
   b_e = np.repeat(b_p, n_p)
-  off = start + np.cumsum(b_e) - b_e
   r = np.zeros(E, np.int64)
-  for t in range(int(b_e.max(initial=0))):
-    sel = b_e > t
-    r[sel] = (r[sel] << 1) | bits[off[sel] + t]
+  for b in np.unique(b_e):  # the remainder groups, as pack_ids lays them out
+    if b:
+      sel = b_e == b
+      m = int(sel.sum())
+      full = np.zeros((m, 32), np.uint8)
+      full[:, 32 - b:] = bits[start:start + m * b].reshape(m, b)
+      r[sel] = np.packbits(full, axis=1).view(">u4").ravel()
+      start += m * b
   steps = ((q << b_e) | r) + 1
   cs = np.cumsum(steps)
   row_start = np.repeat(np.concatenate([[0], np.cumsum(n_p)[:-1]]), n_p)
