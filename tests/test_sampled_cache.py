@@ -356,3 +356,17 @@ def test_plan_accepts_a_sampled_cache():
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert {"cache_forward", "eval", "train_all"} <= set(out["programs"])
+
+
+def test_sweep_checks_points_against_a_sampled_cache():
+  """The sweep accepts a sampled cache for the axes that keep its draws unbiased (alpha) and
+  refuses, naming the field, a point that would truncate it (k)."""
+  from conftest import run_cli
+  base = ("--config=configs/two_stage.py", "--config.cache.mode=sampled",
+          "--config.cache.samples=12", "--config.cache.temperatures=1",
+          "--config.train.kd_mode=sampled", "--sweep.check_only")
+  ok = run_cli("moedistill.sweep", *base, "--sweep.alpha=0.5,1")
+  assert ok.returncode == 0 and len(ok.stdout.strip().splitlines()) == 2, ok.stderr[-2000:]
+  bad = run_cli("moedistill.sweep", *base, "--sweep.k=16")
+  assert bad.returncode == 2, bad.stderr[-2000:]
+  assert "config.train.k=16" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
