@@ -283,7 +283,8 @@ def train_teacher(cfg, train, valid, heldout, log):
       elapsed = time.time() - t0
       rate = (i - 20) / (time.time() - t20)
       if not F.max_steps:  # steps the remaining budget allows at the measured rate
-        total = max(i + 1, int(i + (budget - elapsed) * rate * 0.97))
+        left = budget - elapsed
+        total = i if left <= 0 else max(i + 1, int(i + left * rate * 0.97))
       v = evaluate(params, valid, F.eval_rows)
       curve.append({"step": i, "seconds": round(elapsed, 1), "train_loss": float(
           np.mean(losses[-F.eval_every:])), "valid_loss": v["loss"], "valid_ppl": v["ppl"],
