@@ -11,14 +11,15 @@ and learning rates from each kind of teacher target:
 
   nice -n 19 python scripts/bench_quality_per_byte.py [--teacher_dir=runs/real_vocab_teacher]
       [--root=runs/qpb] [--variants=top64,top16,top64_packed,sampled12,sampled32,online]
-      [--steps=20] [--batch=8] [--train_rows=320] [--rank=8] [--parallel=5] [--table_only]
+      [--steps=20] [--batch=8] [--train_rows=320] [--rank=8] [--parallel=6] [--table_only]
 
 The teacher, its train.jsonl and heldout.jsonl come from scripts/make_real_vocab_teacher.py
 (--out). Every variant is one `python -m moedistill.train` in <root>/<variant> with
 configs/quality_per_byte.py (configs/two_stage.py on that teacher) and the variant's overrides,
-sharing <root>/student_init (built by top64, which runs first; the others then run
---parallel at a time). Held-out figures, all on the same rows (heldout.jsonl packed the same
-way for every variant) at T=1:
+sharing <root>/student_init (made first by `python -m moedistill.compress`), --parallel at a
+time (each variant's evaluation on the common cache waits for top64's to be complete).
+Held-out figures, all on the same rows (heldout.jsonl packed the same way for every variant)
+at T=1:
   KL full   exact full-vocab KL(teacher || student), from the train run's report.json
             (held_out.evaluate_model with the teacher loaded beside the student: what
             `python -m moedistill.evaluate --full_vocab` computes); independent of the cache.
@@ -64,7 +65,8 @@ flags.DEFINE_integer("rank", 8, "student wrapper rank")
 flags.DEFINE_integer("eval_batch", 8, "rows per forward in the common evaluation")
 flags.DEFINE_bool("table_only", False, "run nothing: the table from results already there")
 flags.DEFINE_string("plot", "docs/quality_per_byte.png", "plot path ('' = none)")
-flags.DEFINE_integer("parallel", 5, "variants run at once after top64")
+flags.DEFINE_integer("parallel", 6, "variants run at once (after the shared zero-shot student)")
+flags.DEFINE_integer("wait_common", 3600, "seconds a variant waits for top64's eval cache")
 
 VARIANTS = {
     "top16": dict(k=16, overrides=["--config.cache.k=16"], needs=[]),
@@ -187,6 +189,11 @@ def evaluate(name: str, checkpoint: Path, common_cache: Path, log: Path) -> dict
   return res
 
 
+def complete(cache_dir: Path) -> bool:
+  p = cache_dir / "metadata.json"
+  return p.exists() and json.loads(p.read_text()).get("complete", False)
+
+
 def run_variant(name: str) -> dict:
   v = VARIANTS[name]
   root = Path(F.root).resolve()
@@ -214,7 +221,11 @@ def run_variant(name: str) -> dict:
                  "top1_agreement": d["top1_agreement"], "kl_kind": d.get("kl_kind")}
   if name not in ("top64", "online"):  # their eval caches are top64's
     common = root / "top64" / "cache" / "eval"
-    if not (common / "metadata.json").exists():
+    for _ in range(F.wait_common // 10):  # top64 may run beside this variant
+      if complete(common):
+        break
+      time.sleep(10)
+    if not complete(common):
       return {**res, "skipped": "no common eval cache (top64 did not run)"}
     e = evaluate(name, wd / "export", common, log)
     if "error" in e:
@@ -308,13 +319,15 @@ def main(_):
             flush=True)
       results_path.write_text(json.dumps(results, indent=2))
 
-  rest = list(F.variants)
-  if "top64" in rest:  # first and alone: the shared zero-shot student and the common cache
-    rest.remove("top64")
-    one("top64")
+  init = root / "student_init"
+  if not (init / "config.json").exists() and not F.table_only:  # shared by every variant
+    rc, _, text = run([sys.executable, "-m", "moedistill.compress",
+                       *common_flags(root / "top64")], root / "compress.log")
+    if rc:
+      sys.exit(f"compress failed: {text.strip().splitlines()[-1:]}")
   from concurrent.futures import ThreadPoolExecutor
   with ThreadPoolExecutor(max(1, F.parallel)) as pool:
-    list(pool.map(one, rest))
+    list(pool.map(one, F.variants))
   refs = {}
   top = root / "top64" / "report.json"
   if top.exists():
