@@ -2,7 +2,8 @@
 transformers' generate(do_sample=False) token for token, on the embedded teacher and on a
 rank-4 student exported to HF merged format, for a batch of prompts of different lengths with
 rows ending at EOS at different steps; sampling is reproducible from its key and stays in the
-top_p nucleus; bad flags are refused in one line."""
+top_p nucleus; the command on a 4-device fsdp x expert mesh gives the single-device tokens;
+bad flags are refused in one line."""
 import json
 import types
 from pathlib import Path
@@ -103,6 +104,7 @@ def test_greedy_equals_transformers_on_an_exported_student(tmp_path_factory, tea
   merged, _ = hf.load_model(out)
   ours = _generate(merged, ids)
   assert ours == _transformers_greedy(out, ids)
+  assert _generate(student, ids) == ours  # the native (shared-core) student decodes the same
   assert ours != _generate(teacher, ids)  # the student is not the teacher under another name
   # The command on the export (its tokenizer copied from the teacher) prints the same tokens.
   from transformers import AutoTokenizer
@@ -188,3 +190,22 @@ def test_bad_flags_exit_2_with_one_line(tmp_path):
     assert r.returncode == 2 and r.stdout == "", (args, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr
+
+
+def test_command_on_a_sharded_mesh_gives_the_single_device_tokens(tmp_path, teacher, tok, ids):
+  """4 forced CPU devices, fsdp=2 x expert=2: params sharded, the batch split over 4 shards,
+  the MoE layers in expert parallelism (shard_map, all-to-all), the same greedy tokens."""
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+  config = Path(__file__).parent.parent / "configs" / "two_stage.py"
+  r = run_cli("moedistill.generate", f"--config={config}", "--config.mesh.fsdp=2",
+              "--config.mesh.expert=2", f"--config.workdir={tmp_path / 'run'}",
+              f"--checkpoint={TEACHER}", f"--prompts={tmp_path / 'p.jsonl'}",
+              f"--max_new_tokens={N}",
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.strip().splitlines()
+  assert "batch 4," in lines[-1]  # 3 prompts padded to the mesh's 4 batch shards
+  got = [json.loads(line)["completion"] for line in lines[:-1]]
+  want = [tok.decode(o[len(x):], skip_special_tokens=True)
+          for o, x in zip(_generate(teacher, ids), ids)]
+  assert got == want
