@@ -301,15 +301,15 @@ class CacheReader:
     return {n: np.concatenate([p[n] for p in parts])[at] for n in names}
 
   def read_range(self, lo: int, hi: int) -> dict:
-    """Async reads of rows [lo, hi) (within one row chunk unless the format is plain), for
-    `result`."""
+    """Async reads of rows [lo, hi) for `result`: any rows of a plain cache, one whole row
+    chunk of the others (a chunk's ids are one stream)."""
     a = self.arrays
     if self.kind == "plain":
       return {n: a[n][lo:hi].read() for n in ("tokens", "segment_ids", "topk_idx",
                                                 "topk_logit", "lse")}
     R = self.meta["rows_per_chunk"]
-    if lo // R != (hi - 1) // R:
-      raise ValueError(f"read_range({lo}, {hi}): crosses a row chunk of {R} rows")
+    if lo % R or hi != min(lo + R, self.rows):
+      raise ValueError(f"read_range({lo}, {hi}): not one whole row chunk of {R} rows")
     return {n: (a[n][lo // R].read() if n == "packed_ids" else a[n][lo:hi].read())
             for n in logit_arrays(self.meta) + ("tokens", "segment_ids") if n != "done"}
 
