@@ -4,8 +4,8 @@ Two layouts besides today's `plain` (int32 ids, bf16 logits; see data/cache.py):
 
 `packed` top-k (cache.format=packed), per position of k entries:
   ids     sorted ascending and Rice-coded as gaps (g_0 = id_0, g_j = id_j - id_{j-1} - 1) with
-          a per-position parameter b (`rice_b`, uint8: the b of 0..MAX_B that gives the fewest
-          bits). The quotients g >> b go, in unary (q zeros then a one), into one bit stream per
+          a per-position parameter b (`rice_b`, uint8: of the 5 values within 2 of
+          floor(log2(mean gap)), the one giving the fewest bits). The quotients g >> b go, in unary (q zeros then a one), into one bit stream per
           row chunk, after a 4-byte header (the unary part's bytes),
           followed (byte-aligned) by the b low bits of every gap (grouped by b). The stream lies
           left-aligned in a fixed-size per-chunk field (`packed_ids`, [n_chunks, cap] uint8) of
@@ -46,12 +46,14 @@ PAD_LOGIT = -1e30  # decoded padding (weight 0): exp() is exactly 0 at any tempe
 # ---------------------------------------------------------------- ids: Rice-coded gaps
 
 def stream_cap(positions: int, k: int, vocab: int) -> int:
-  """Bytes that hold any chunk's stream of `positions` x at most k ids < vocab: the chosen b
-  costs at most what b' = floor(log2(vocab / k)) costs, n (b' + 1) unary ones and remainder
-  bits plus sum_j (g_j >> b') <= (sum_j g_j) >> b' <= vocab >> b' unary zeros; plus two
-  byte alignments and the 4-byte header."""
-  b = max(0, int(np.floor(np.log2(max(vocab / max(k, 1), 1.0)))))
-  return -(-positions * (k * (b + 1) + (vocab >> b)) // 8) + 2 + 4
+  """Bytes that hold any chunk's stream of `positions` x at most k ids < vocab. A position of
+  n ids with mean gap m <= vocab / n - 1 costs at the chosen b at most what b0 =
+  floor(log2(max(m, 1))) costs (b0 is a candidate): n (b0 + 1) unary ones and remainder bits
+  plus sum_j (g_j >> b0) <= n m / 2^b0 < 2n unary zeros, so < n (log2(vocab / n) + 3) bits,
+  which grows with n (n <= vocab / 2): at most k (log2(vocab / k) + 3). Plus two byte
+  alignments and the 4-byte header."""
+  per = k * (np.log2(max(vocab / max(k, 1), 1.0)) + 3)
+  return int(np.ceil(positions * per / 8)) + 2 + 4
 
 
 def pack_ids(ids_pk, n_p):
