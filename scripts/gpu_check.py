@@ -61,8 +61,9 @@ def run_demo(workdir: str, steps: int) -> dict:
     out["error"] = (r.stderr.strip().splitlines() or [""])[-1][:400]
     return out
   lines = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  out["first"] = {k: lines[0].get(k) for k in ("step", "loss", "kl")}
-  out["last"] = {k: lines[-1].get(k) for k in ("step", "loss", "kl")}
+  keys = ("stage", "global_step", "loss", "kl", "tokens_per_s")
+  out["first"] = {k: lines[0].get(k) for k in keys}
+  out["last"] = {k: lines[-1].get(k) for k in keys}
   report = Path(workdir) / "report.json"
   if report.exists():
     out["report"] = json.loads(report.read_text())
