@@ -196,9 +196,9 @@ def _resolved(cfg, comp, dtype=jnp.bfloat16):
   t = resolve.target()
   r = resolve.resolve(t.platform, t.device_kind,
                       None if cfg is None else resolve.gmm_shapes(cfg, comp), jnp.dtype(dtype).name)
-  if r.why and r.why not in _LOGGED:
+  if r.why and r.why not in _LOGGED:  # a warning: the CLIs show warnings and up on stderr
     _LOGGED.add(r.why)
-    logging.info(r.why)
+    logging.warning(r.why)
   return r
 
 
