@@ -317,8 +317,10 @@ def _write_pending(job, meta, arrays, fwd, mesh, path, show):
   done = arrays["done"].read().result()
   steps = _pending_steps(job, done, mesh)
   rows_of = lambda c: min(R, n - c * R) if c < len(done) and not done[c] else 0  # noqa: E731
-  bar = tqdm(total=sum(rows_of(c) for st in steps for c in st), unit="row",
-             disable=not show, desc=f"caching {path}", mininterval=1.0)
+  total = sum(rows_of(c) for st in steps for c in st)
+  # The bar is made after the first step, which compiles: its rate and ETA then count
+  # compiled steps only.
+  bar = tqdm(disable=True)
   t0, tokens_done, inflight = time.time(), 0, []
   t_first, tokens_first = None, 0  # throughput excludes the first (compiling) step
   nxt = _read_step(arrays, steps[0][p * per:(p + 1) * per], R, n) if steps else None
@@ -338,7 +340,10 @@ def _write_pending(job, meta, arrays, fwd, mesh, path, show):
     tokens_done += step_rows * L
     if t_first is None:
       t_first, tokens_first = time.time(), tokens_done
-    bar.update(step_rows)
+      bar = tqdm(total=total, initial=step_rows, unit="row", disable=not show,
+                 desc=f"caching {path}", mininterval=1.0)
+    else:
+      bar.update(step_rows)
     bar.set_postfix(tok_s=f"{tokens_done / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
   _finish(arrays, inflight)
   bar.close()

@@ -218,12 +218,15 @@ def test_ctrl_c_says_how_to_resume(interrupted):
 
 
 def test_progress_bars_start_after_the_compiling_step(interrupted):
-  """The first time a stage's bar is drawn it already counts one step: its clock (rate, ETA)
-  started after the step that compiled the program, not before it."""
+  """The first time a stage's (or the teacher cache's) bar is drawn it already counts one
+  step: its clock (rate, ETA) started after the step that compiled the program, not before."""
   _, _, err = interrupted
   for stage in ("wrappers", "all"):
     first = re.search(rf"stage {stage}:\s+\d+%\|[^|]*\| (\d+)/\d+ ", err)
     assert first and first.group(1) == "1", err[-3000:]
+  for split in ("train", "eval"):  # the teacher cache's bars: rows of the first step done
+    first = re.search(rf"caching \S+/cache/{split}:\s+\d+%\|[^|]*\| (\d+)/\d+ ", err)
+    assert first and int(first.group(1)) > 0, err[-3000:]
 
 
 @pytest.fixture(scope="module")
