@@ -1,0 +1,84 @@
+"""What every benchmark shares: the narrowed Qwen3-30B-A3B config, forced CPU devices, timing,
+peak RSS and a JSON record that names the commit and the machine."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def narrow_config(layers: int, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
+                  head_dim: int = 32, moe_intermediate: int = 64, intermediate: int = 384):
+  """Qwen3-30B-A3B's structure (vocab 151,936, 128 experts top-8) at a narrow width."""
+  from moedistill.model.config import qwen3_30b_a3b
+  return dataclasses.replace(
+      qwen3_30b_a3b(), num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+      num_key_value_heads=kv_heads, head_dim=head_dim, moe_intermediate_size=moe_intermediate,
+      intermediate_size=intermediate)
+
+
+def tiny_config(layers: int):
+  """A small MoE of the same family for smoke runs."""
+  from moedistill.model.config import ModelConfig
+  return ModelConfig(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                     moe_intermediate_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
+
+
+def force_cpu_devices(n: int) -> None:
+  """N CPU devices for jax; call before jax is imported anywhere."""
+  flag = f"--xla_force_host_platform_device_count={n}"
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), flag]).strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def flops_per_token(num_layers, hidden, heads, kv_heads, head_dim, experts, k, moe_inter, vocab,
+                    seq):
+  """Model FLOPs of one forward token (MoE: active experts only); the same formula for the
+  JAX and the PyTorch side so their ratios compare like with like."""
+  attn_proj = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+  moe_f = k * 3 * hidden * moe_inter + hidden * experts
+  per_layer = 2 * (attn_proj + moe_f) + 2 * heads * head_dim * seq
+  return num_layers * per_layer + 2 * hidden * vocab
+
+
+def timed(fn, reps: int, sync=lambda out: out) -> float:
+  """Seconds per call after one warm-up call (compilation excluded)."""
+  sync(fn())
+  t = time.perf_counter()
+  out = None
+  for _ in range(reps):
+    out = fn()
+  sync(out)
+  return (time.perf_counter() - t) / reps
+
+
+def peak_rss_gib(who=resource.RUSAGE_SELF) -> float:
+  return round(resource.getrusage(who).ru_maxrss / 2**20, 2)  # ru_maxrss is KiB on Linux
+
+
+def machine() -> dict:
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=REPO).stdout.strip() or "unknown"
+  dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                              capture_output=True, text=True, cwd=REPO).stdout.strip())
+  return {"commit": commit + ("+dirty" if dirty else ""), "host_cpus": os.cpu_count(),
+          "platform": platform.platform(), "python": platform.python_version()}
+
+
+def emit(name: str, result: dict, out: str = "") -> dict:
+  """Prints one JSON object (the benchmark's name, its figures, the commit and the machine)
+  as the last line of stdout, and writes it to `out` when given."""
+  record = {"benchmark": name, **result, "machine": machine()}
+  line = json.dumps(record)
+  print(line, flush=True)
+  if out:
+    Path(out).write_text(line + "\n")
+  return record
