@@ -11,7 +11,8 @@ and learning rates from each kind of teacher target:
 
   nice -n 19 python scripts/bench_quality_per_byte.py [--teacher_dir=runs/real_vocab_teacher]
       [--root=runs/qpb] [--variants=top64,top16,top64_packed,sampled12,sampled32,online]
-      [--steps=20] [--batch=8] [--train_rows=320] [--rank=8] [--parallel=6] [--table_only]
+      [--steps=20] [--batch=8] [--train_rows=320] [--rank=8] [--lr=1e-3] [--lr_all=3e-4]
+      [--parallel=6] [--table_only]
 
 The teacher, its train.jsonl and heldout.jsonl come from scripts/make_real_vocab_teacher.py
 (--out). Every variant is one `python -m moedistill.train` in <root>/<variant> with
@@ -62,6 +63,8 @@ flags.DEFINE_integer("steps", 20, "optimizer steps per stage (wrappers, then all
 flags.DEFINE_integer("batch", 8, "rows per optimizer step")
 flags.DEFINE_integer("train_rows", 320, "train rows cached (data.train.max_rows)")
 flags.DEFINE_integer("rank", 8, "student wrapper rank")
+flags.DEFINE_float("lr", 1e-3, "peak LR of the wrappers stage (train.lr)")
+flags.DEFINE_float("lr_all", 3e-4, "peak LR of the all-parameters stage (stages.all.lr)")
 flags.DEFINE_integer("eval_batch", 8, "rows per forward in the common evaluation")
 flags.DEFINE_bool("table_only", False, "run nothing: the table from results already there")
 flags.DEFINE_string("plot", "docs/quality_per_byte.png", "plot path ('' = none)")
@@ -116,7 +119,8 @@ def common_flags(workdir: Path) -> list[str]:
           f"--config.student.init_from={Path(F.root).resolve() / 'student_init'}",
           f"--config.student.rank={F.rank}", f"--config.train.batch_size={F.batch}",
           f"--config.data.train.max_rows={F.train_rows}",
-          f"--config.stages.wrappers.steps={F.steps}", f"--config.stages.all.steps={F.steps}"]
+          f"--config.stages.wrappers.steps={F.steps}", f"--config.stages.all.steps={F.steps}",
+          f"--config.train.lr={F.lr}", f"--config.stages.all.lr={F.lr_all}"]
 
 
 def run(cmd: list[str], log: Path) -> tuple[int, float, str]:
@@ -241,7 +245,8 @@ def table(results: dict, refs: dict) -> str:
   lines = [head, "-" * len(head)]
 
   def fmt(x, spec):
-    return format(x, spec) if isinstance(x, (int, float)) else "-"
+    width = int(re.match(r"\d+", spec).group())
+    return format(x, spec) if isinstance(x, (int, float)) else format("-", f">{width}")
 
   for name, r in list(refs.items()) + list(results.items()):
     if "skipped" in r:
