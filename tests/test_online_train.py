@@ -182,3 +182,36 @@ def test_online_step_gradient_equals_dense_autodiff(tmp_path):
     np.testing.assert_allclose(np.asarray(gf[k]), np.asarray(gd[k]), rtol=1e-3,
                                atol=1e-6 * float(jnp.max(jnp.abs(gd[k]))) + 1e-9, err_msg=k)
   assert any(float(jnp.max(jnp.abs(gd[k]))) > 0 for k in params)
+
+
+def test_online_step_micro_batches_equal_one_batch(tmp_path):
+  """Two micro-batches of the online step give the one-batch step's update and metrics (the
+  teacher's params reach every micro-batch)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from moedistill.hub import hf
+  from moedistill.model.layers import Runtime
+  from moedistill.training import param_tree as P
+  from moedistill.training.train_step import StepConfig, make_train_step
+  make_hf_checkpoint(tmp_path / "s", seed=1, vocab_size=64)
+  make_hf_checkpoint(tmp_path / "t", seed=2, vocab_size=64)
+  g, tmpl, params = P.split(hf.load_model(tmp_path / "s", Runtime())[0])
+  tg, ttmpl, tparams = P.split(hf.load_model(tmp_path / "t", Runtime())[0])
+  r = np.random.RandomState(0)
+  batch = {"tokens": jnp.asarray(r.randint(0, 64, (4, 10)), jnp.int32),
+           "segment_ids": jnp.asarray([[1] * 10, [1] * 6 + [2] * 4, [1] * 8 + [0] * 2,
+                                       [3] * 10], jnp.int32)}
+  tx = optax.sgd(0.1)
+  out = {}
+  for m in (1, 2):
+    sc = StepConfig(alpha=ALPHA, temperature=T, mode="bucket", t_index=None, vocab_chunk=24,
+                    micro_batches=m, aux_coef=0.0, top_k=2, online=True)
+    step = jax.jit(make_train_step(g, tmpl, tx, sc, (tg, ttmpl)))
+    out[m] = step(params, {}, tx.init(params), batch, tparams)
+  for k in params:
+    np.testing.assert_allclose(np.asarray(out[2][0][k]), np.asarray(out[1][0][k]), rtol=1e-5,
+                               atol=1e-6, err_msg=k)
+  for k in ("kd_total", "kl", "ce", "top1_agreement"):
+    np.testing.assert_allclose(float(out[2][2][k]), float(out[1][2][k]), rtol=1e-5)
+  assert any(not np.array_equal(np.asarray(out[1][0][k]), np.asarray(params[k])) for k in params)
