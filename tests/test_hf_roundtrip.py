@@ -168,8 +168,8 @@ def test_streamed_export_merges_each_layer_once(tmp_path, student_dir, monkeypat
   from moedistill.model.shared_core import merged_experts
   src, student = student_dir
   calls = []
-  merge = hf._merge_cast
-  monkeypatch.setattr(hf, "_merge_cast", lambda *a: calls.append(a) or merge(*a))
+  merge = hf.merge_cast
+  monkeypatch.setattr(hf, "merge_cast", lambda *a: calls.append(a) or merge(*a))
   out = export.export(src, tmp_path / "out", max_shard_bytes=30_000)
   cfg = student.config
   assert len(calls) == len(cfg.moe_layers) * 3  # one merge per layer and projection

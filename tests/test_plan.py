@@ -87,7 +87,8 @@ def test_check_names_program_overshoot_and_knobs(fsdp8_plan):
 
 
 def test_collective_bytes_from_compiled_hlo():
-  from moedistill.plan import collective_bytes, collective_traffic, parse_bytes
+  from moedistill.hlo_cost import collective_bytes, collective_traffic
+  from moedistill.plan import parse_bytes
   hlo = ("  %p = f32[4,16]{1,0} parameter(0)\n"
          "  %all-gather = f32[32,16]{1,0} all-gather(%p), channel_id=1, dimensions={0}\n"
          "  %t = (bf16[8]{0}, s32[2]{0}) tuple(%a, %b)\n"

@@ -50,7 +50,7 @@ def test_cli_refuses_an_unknown_platform(tmp_path):
 
 
 def test_error_line_names_where_a_messageless_error_was_raised():
-  from moedistill.plan import _error_line
+  from moedistill.hlo_cost import error_line as _error_line
 
   def kernel():
     raise AttributeError()  # as jax.devices()[0].core_count on a CPU device, traced for CUDA

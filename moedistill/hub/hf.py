@@ -196,7 +196,7 @@ def state_arrays(model) -> dict[tuple, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnums=3)
-def _merge_cast(core_df, a_edr, b_erf, dtype):
+def merge_cast(core_df, a_edr, b_erf, dtype):
   """One layer's W_e = core + A_e B_e for all its experts at once, in float32, cast on the
   devices so that a host receives the result already in the output dtype."""
   f32 = jnp.float32
@@ -220,7 +220,7 @@ def _shape(arrays, p) -> tuple:
 def _fetch(arrays, p, dtype) -> np.ndarray:
   """Param `p` (a merged expert path: that layer's merged stack) on this host, in `dtype`.
   A collective when the arrays span processes: every process fetches in the same order."""
-  x = arrays[p].astype(dtype) if p in arrays else _merge_cast(
+  x = arrays[p].astype(dtype) if p in arrays else merge_cast(
       *(arrays[q] for q in _expert_parts(p)), dtype)
   return sharding.to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
 
