@@ -1,6 +1,5 @@
 """FLOPs and collective bytes per device of the MoE layer (forward + backward), AOT-compiled on 8
-forced CPU devices at Qwen3-30B-A3B's expert widths, before (XLA's automatic partitioning,
-MOEDISTILL_EXPERT_PARALLEL=0) and after (shard_map expert parallelism), for data=8, fsdp=8 and
+forced CPU devices at Qwen3-30B-A3B's expert widths under shard_map expert parallelism, for data=8, fsdp=8 and
 expert=8 against one device's FLOPs / 8. Nothing runs: compile only, abstract inputs.
 
   python scripts/bench_expert_parallel.py [--rows 8 --seq 512] [--kind dense|core]
@@ -35,7 +34,6 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from moedistill import sharding  # noqa: E402
-from moedistill.model import expert_parallel  # noqa: E402
 from moedistill.model.config import qwen3_30b_a3b  # noqa: E402
 from moedistill.model.layers import Runtime  # noqa: E402
 from moedistill.model.qwen3_moe import DenseExperts, MoeBlock  # noqa: E402
@@ -76,7 +74,6 @@ def collective_bytes(hlo: str) -> dict[str, int]:
 
 def compile_layer(cfg, kind: str, backend: str, mesh_shape, rows: int, seq: int, ep: bool,
                   ep_capacity_factor: float = 0.0):
-  os.environ[expert_parallel.SWITCH] = "1" if ep else "0"
   rt = Runtime(moe_backend=backend, ep_capacity_factor=ep_capacity_factor)
 
   def build():
@@ -189,7 +186,7 @@ def main():
   print(head + "   (collective MiB per device)")
   for name in args.layouts.split(","):
     shape = LAYOUTS[name]
-    for ep in (False, True):
+    for ep in (True,):
       c = compile_layer(cfg, args.kind, args.backend, shape, args.rows, args.seq, ep,
                         args.ep_capacity_factor)
       flops = c.cost_analysis()["flops"]

@@ -5,14 +5,14 @@ unscanned layers and one micro-batch (XLA's cost analysis counts a loop body onc
 `all`, on 8 forced CPU devices and on one. AOT compile only, nothing runs.
 
   python scripts/bench_plan_ep.py [--backend capacity|sorted] [--ep_capacity_factor F]
-      [--rows 8 --seq 256] [--layers 4] [--meshes data=8,fsdp=8,expert=8] [--no_off]
+      [--rows 8 --seq 256] [--layers 4] [--meshes data=8,fsdp=8,expert=8]
       [--program train|cache_forward]
 
 --program cache_forward: the teacher cache forward instead (dense experts, no backward), on
 --rows rows per step (config.cache.rows_per_chunk, one chunk per step).
 
-Prints per mesh, with expert parallelism on and off (MOEDISTILL_EXPERT_PARALLEL=0: XLA's
-automatic partitioning, the code before expert parallelism): FLOPs per device and their ratio
+Prints per mesh (the rows of XLA's automatic partitioning without expert parallelism, the "off"
+rows of docs/real_models.md, were measured at the commit that added expert parallelism): FLOPs per device and their ratio
 to (one device's FLOPs / 8), bytes per device, collective operand bytes per device for the step
 and per layer, and per layer the bytes each device receives (plan.collective_traffic: an
 all-gather's operand is one shard, so operand bytes undercount it g-1 times), by kind. Per
@@ -21,7 +21,6 @@ the embedding, the lm_head and the loss.
 """
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -57,8 +56,7 @@ def plan(teacher, shape, args, ep: bool) -> dict:
          "--device_memory=1TiB",  # figures, not a fit: one device holds the whole model
          f"--config.model.ep_capacity_factor={args.ep_capacity_factor}",
          *(f"--config.mesh.{a}={s}" for a, s in zip(("data", "fsdp", "expert", "tensor"), shape))]
-  env = dict(os.environ, MOEDISTILL_EXPERT_PARALLEL="1" if ep else "0")
-  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if r.returncode:
     sys.exit(f"plan failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
   name = "train_all" if args.program == "train" else args.program
@@ -73,7 +71,6 @@ def main():
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--layers", type=int, default=4, help="even; per layer = difference to half")
   ap.add_argument("--meshes", default="data=8,fsdp=8,expert=8")
-  ap.add_argument("--no_off", action="store_true", help="skip the EP-off (before) rows")
   ap.add_argument("--program", default="train", choices=("train", "cache_forward"))
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +85,7 @@ def main():
     print(f"{'mesh':16} {'EP':3} {'FLOP/dev':>10} {'x ideal':>7} {'GiB/dev':>8} "
           f"{'operand GiB/step':>16} {'/layer':>7} {'received GiB/layer':>18}  by kind")
     for name in args.meshes.split(","):
-      for ep in (True,) if args.no_off else (False, True):
+      for ep in (True,):
         a, b = plan(full, MESHES[name], args, ep), plan(half, MESHES[name], args, ep)
         per = lambda key: (a[key] - b[key]) / (args.layers - args.layers // 2)  # noqa: E731
         kinds = {k: (a["collective_traffic_per_device"][k] - b["collective_traffic_per_device"][k])

@@ -18,13 +18,11 @@ the path never drops; the `sorted` backend skips the buffer's empty tiles at run
 capacity_factor, overflow counted), exchanged with one tiled all_to_all.
 The expert intermediate dim split over `tensor` leaves partial sums: one psum at the end.
 
-With no mesh, a one-device mesh, or MOEDISTILL_EXPERT_PARALLEL=0 (automatic partitioning, the
-"before" of scripts/bench_expert_parallel.py) the block runs exactly today's code.
+With no mesh or a one-device mesh the block runs exactly the one-device code.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +33,11 @@ from moedistill.errors import ConfigError
 from moedistill.model import moe, pallas_gmm
 from moedistill.sharding import BATCH_AXES, spec_for
 
-SWITCH = "MOEDISTILL_EXPERT_PARALLEL"
 AXIS = "expert"
 
 
 def active_mesh():
   """The abstract mesh of the enclosing `jax.set_mesh`, or None: run the one-device code."""
-  if os.environ.get(SWITCH, "1") == "0":
-    return None
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or AXIS not in mesh.axis_names:
     return None
