@@ -67,15 +67,17 @@ def write_report(job: Job, mesh=None) -> dict:
 
 
 def plot_losses(workdir: Path):
-  # matplotlib keeps its font cache in MPLCONFIGDIR, else ~/.config/matplotlib (with a
-  # warning on stderr and a fresh temporary one per run when that is not writable). A user's
-  # setting wins; otherwise the user's cache directory, else the temp directory: never the
-  # workdir, which holds only the run's own outputs.
+  # matplotlib keeps its font cache in MPLCONFIGDIR, else under the home directory. A user's
+  # setting wins; otherwise one directory per user in the temp directory (kept between runs,
+  # so the cache is built once): a run writes only its workdir, its cache and temporary
+  # files (tests/test_safety.py), and the workdir holds only the run's own outputs.
   if "MPLCONFIGDIR" not in os.environ:
-    os.environ["MPLCONFIGDIR"] = _writable_dir(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "moedistill",
-             "matplotlib"),
-        Path(tempfile.gettempdir(), f"moedistill-matplotlib-{os.getuid()}"))
+    d = Path(tempfile.gettempdir(), f"moedistill-matplotlib-{os.getuid()}")
+    try:
+      d.mkdir(mode=0o700, exist_ok=True)
+      os.environ["MPLCONFIGDIR"] = str(d)
+    except OSError:  # no writable temp directory: matplotlib's own fallback, with its warning
+      pass
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -97,19 +99,6 @@ def plot_losses(workdir: Path):
   fig.tight_layout()
   fig.savefig(workdir / "loss_curves.png", dpi=100)
   plt.close(fig)
-
-
-def _writable_dir(*candidates: Path) -> str:
-  """The first candidate directory that exists (made if need be) and is writable; the last
-  one when none is (matplotlib then warns and uses a temporary one)."""
-  for d in candidates:
-    try:
-      d.mkdir(parents=True, exist_ok=True)
-    except OSError:
-      continue
-    if os.access(d, os.W_OK):
-      return str(d)
-  return str(candidates[-1])
 
 
 def main(argv):

@@ -231,11 +231,12 @@ def test_progress_bars_start_after_the_compiling_step(interrupted):
 
 @pytest.fixture(scope="module")
 def rerun(tiny, interrupted):
-  """The rerun (stage `all` cut short so that it ends), with matplotlib's default cache
-  directory under a temporary XDG_CACHE_HOME."""
+  """The rerun (stage `all` cut short so that it ends), with no MPLCONFIGDIR and a TMPDIR of
+  its own."""
   tmp, cfg = tiny
   e = {k: v for k, v in os.environ.items() if k != "MPLCONFIGDIR"}
-  e["XDG_CACHE_HOME"] = str(tmp / "xdg")
+  (tmp / "tmpdir").mkdir()
+  e["TMPDIR"] = str(tmp / "tmpdir")
   r = subprocess.run([sys.executable, "-m", "moedistill.train", f"--config={cfg}",
                       "--config.stages.all.steps=3"], capture_output=True, text=True, env=e,
                      cwd=ROOT, timeout=600)
@@ -262,4 +263,4 @@ def test_matplotlib_cache_is_not_in_the_workdir(rerun):
   tmp, _ = rerun
   assert (tmp / "run" / "loss_curves.png").exists()
   assert not (tmp / "run" / ".matplotlib").exists()
-  assert (tmp / "xdg" / "moedistill" / "matplotlib").is_dir()
+  assert (tmp / "tmpdir" / f"moedistill-matplotlib-{os.getuid()}").is_dir()
