@@ -264,3 +264,15 @@ def test_matplotlib_cache_is_not_in_the_workdir(rerun):
   assert (tmp / "run" / "loss_curves.png").exists()
   assert not (tmp / "run" / ".matplotlib").exists()
   assert (tmp / "tmpdir" / f"moedistill-matplotlib-{os.getuid()}").is_dir()
+
+
+def test_reason_keeps_the_first_line_whole():
+  """errors.reason, which every refusal quoting a library's error uses: the first line in
+  full (no cut mid-word, however long), TensorStore's trailing payloads dropped."""
+  from moedistill.errors import reason
+  long = "DATA_LOSS: Error reading chunk: Truncated Zstd-compressed frame " + "x " * 200
+  assert reason(ValueError(long + "\nsecond line")) == long.strip()
+  assert reason(ValueError('NOT_FOUND: no "zarr.json" [tensorstore_spec=\'{"a": 1}\'] '
+                           "[source locations='x.cc:1']")) == 'NOT_FOUND: no "zarr.json"'
+  assert reason(ValueError("a list [1, 2] stays")) == "a list [1, 2] stays"
+  assert reason(OSError()) == "OSError"
