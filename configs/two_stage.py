@@ -6,6 +6,8 @@ A real model (teacher and data paths as overrides):
   python -m moedistill.train --config=configs/two_stage.py:qwen3_30b_a3b \
       --config.teacher=/models/Qwen3-30B-A3B \
       --config.data.train.source=/data/train.jsonl --config.data.eval.source=/data/eval.jsonl
+On-policy distillation after the two offline stages (docs/on_policy.md):
+  python -m moedistill.train --config=configs/two_stage.py:on_policy
 Any field below can be overridden as --config.<path>=<value>.
 """
 from pathlib import Path
@@ -35,6 +37,12 @@ def _stage(steps, groups, **overrides):
       alpha=config_dict.placeholder(float),        # KD weight override (default train.alpha)
       temperature=config_dict.placeholder(float),  # KD temperature override
       warmup_steps=config_dict.placeholder(int),   # warmup override
+      kind="offline",         # offline (cached/online teacher on corpus rows) | on_policy
+                              # (the student samples, the teacher grades; docs/on_policy.md)
+      lmbda=1.0,              # on_policy: fraction of steps that are on-policy (rest offline)
+      beta=1.0,               # on_policy: generalised JSD, 0 forward KL .. 1 reverse KL
+      max_new_tokens=0,       # on_policy: tokens sampled after each prompt (< data.seq_len)
+      sample_temperature=1.0,  # on_policy: the student's sampling temperature
   ))
   s.update(overrides)
   return s
@@ -155,7 +163,17 @@ def get_config(arg: str = ""):
     c.stages.wrappers.steps = 2000
     c.stages.all.steps = 8000
     c.stages.all.lr = 2e-5
+  elif arg == "on_policy":
+    # The demo's two offline stages, then 30 on-policy steps: the student continues cache
+    # rows cut at random points and minimises the reverse KL to the online teacher on its own
+    # tokens. Cache and zero-shot student are the plain demo's (built there if missing).
+    c.workdir = "runs/two_stage_on_policy"
+    c.cache.path = "runs/two_stage/cache"
+    c.student.init_from = "runs/two_stage/student_init"
+    c.stage_order = "wrappers,all,on_policy"
+    c.stages.on_policy = _stage(30, [(".*embed.*", 0.0), (".*", 1.0)], lr=3e-4,
+                                warmup_steps=3, kind="on_policy", max_new_tokens=32)
   elif arg:
-    raise ValueError(f"configs/two_stage.py:{arg}: unknown variant, expected '' or "
-                     "'qwen3_30b_a3b'")
+    raise ValueError(f"configs/two_stage.py:{arg}: unknown variant, expected '', "
+                     "'qwen3_30b_a3b' or 'on_policy'")
   return c

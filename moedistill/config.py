@@ -25,6 +25,7 @@ KD_MODES = ("bucket", "renormalize", "teacher_only", "sampled")
 SAMPLED_KD_MODES = ("sampled", "teacher_only")
 TEACHER_MODES = ("cache", "online")  # KD targets: cached top-k, or the teacher in the step
 SCHEDULES = ("cosine", "linear", "constant")
+STAGE_KINDS = ("offline", "on_policy")  # on_policy: the student samples, the teacher grades
 
 
 def _check(cond, msg):
@@ -126,6 +127,15 @@ class Stage:
   alpha: float
   temperature: float
   warmup_steps: int
+  # kind=on_policy (training/on_policy.py): a step is on-policy with probability lmbda (a pure
+  # function of (seed, global step)); it samples max_new_tokens from the student at
+  # sample_temperature after a cache row cut at a random point, and minimises the generalised
+  # JSD(beta) to the online teacher on those tokens. Offline steps use the fields above.
+  kind: str = "offline"
+  lmbda: float = 1.0
+  beta: float = 1.0
+  max_new_tokens: int = 0
+  sample_temperature: float = 1.0
   # The fields whose value came from config.train (the stage left them unset): a refusal
   # names the field the user set, config.train.<f> for these, config.stages.<name>.<f> else.
   inherited: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
@@ -261,7 +271,44 @@ def _stage(name, s, t) -> Stage:
                groups=tuple(groups), lr=float(t.lr if s.get("lr") is None else s.lr),
                alpha=float(alpha), temperature=float(temp),
                warmup_steps=int(t.warmup_steps if s.get("warmup_steps") is None
-                                else s.warmup_steps), inherited=inherited)
+                                else s.warmup_steps), inherited=inherited,
+               **_on_policy_fields(name, s))
+
+
+def _on_policy_fields(name, s) -> dict:
+  """kind, lmbda, beta, max_new_tokens, sample_temperature of one stage (the on-policy ones
+  only checked, and only allowed away from their defaults, when kind=on_policy)."""
+  f = lambda x: f"config.stages.{name}.{x}"  # noqa: E731
+  kind = _choice(s.get("kind", "offline"), STAGE_KINDS, f"stages.{name}.kind")
+  lmbda, beta = s.get("lmbda", 1.0), s.get("beta", 1.0)
+  new, temp = s.get("max_new_tokens", 0), s.get("sample_temperature", 1.0)
+  if kind == "offline":
+    _check(new in (0, None), f"{f('max_new_tokens')}={new!r}: only for "
+           f"{f('kind')}=on_policy")
+    return {}
+  _check(_number(lmbda) and 0.0 <= lmbda <= 1.0, f"{f('lmbda')}={lmbda!r}: expected a "
+         "value in [0, 1] (the fraction of on-policy steps)")
+  _check(_number(beta) and 0.0 <= beta <= 1.0, f"{f('beta')}={beta!r}: expected a value in "
+         "[0, 1] (0 forward KL, 1 reverse KL)")
+  _check(isinstance(new, int) and not isinstance(new, bool) and new >= 1,
+         f"{f('max_new_tokens')}={new!r}: expected a positive integer with "
+         f"{f('kind')}=on_policy")
+  _check(_number(temp) and temp > 0, f"{f('sample_temperature')}={temp!r}: expected > 0")
+  return {"kind": kind, "lmbda": float(lmbda), "beta": float(beta), "max_new_tokens": new,
+          "sample_temperature": float(temp)}
+
+
+def _on_policy_against_job(c, stages):
+  """An on-policy stage needs a teacher to grade and room in a row for a prompt."""
+  for st in stages:
+    if st.kind != "on_policy":
+      continue
+    _check(isinstance(c.teacher, str) and c.teacher.strip() != "",
+           f"config.teacher={c.teacher!r}: config.stages.{st.name}.kind=on_policy needs the "
+           "teacher's directory (it scores the student's samples online)")
+    _check(st.max_new_tokens < c.data.seq_len, f"config.stages.{st.name}.max_new_tokens="
+           f"{st.max_new_tokens}: expected < config.data.seq_len={c.data.seq_len} (prompt "
+           "and sample share one row)")
 
 
 def _kd_against_cache(c, kd_mode, stages, k):
@@ -301,6 +348,7 @@ def _train(c) -> TrainConfig:
   _check(0 <= k <= c.cache.k, f"config.train.k={k}: expected 0 (all) or at most "
          f"config.cache.k={c.cache.k} (a top-k cache emulates any smaller k exactly)")
   _kd_against_cache(c, t.kd_mode, stages, k)
+  _on_policy_against_job(c, stages)
   return TrainConfig(batch_size=t.batch_size, micro_batches=t.micro_batches, kd_mode=t.kd_mode,
                      vocab_chunk=t.vocab_chunk, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio,
                      weight_decay=t.weight_decay, clip_norm=t.clip_norm, b1=t.b1, b2=t.b2,

@@ -112,11 +112,13 @@ def kd_target(job: Job) -> str:
 def online_teacher(job: Job, student_cfg, mesh):
   """teacher_mode=online: the teacher on the student's mesh (its params an input of every
   train step, frozen); else None."""
-  if job.train.teacher_mode != "online":
+  from moedistill.training.trainer import needs_teacher
+  if not needs_teacher(job):  # also loaded for on-policy stages (they score online)
     return None
   teacher = load(job, job.teacher, mesh)
   if teacher.config.vocab_size != student_cfg.vocab_size:
-    raise UserError(f"config.train.teacher_mode='online': the teacher's vocab_size="
+    raise UserError(f"config.train.teacher_mode={job.train.teacher_mode!r}: the teacher's "
+                    f"vocab_size="
                     f"{teacher.config.vocab_size}, the student's {student_cfg.vocab_size}")
   return teacher
 

@@ -56,6 +56,13 @@ def step_config(job: Job, stage: Stage, cfg, t_index: int | None) -> StepConfig:
                     online=tc.teacher_mode == "online")
 
 
+def needs_teacher(job: Job) -> bool:
+  """The teacher runs beside the student: teacher_mode=online, or an on-policy stage (its
+  samples are scored online; training/on_policy.py)."""
+  return (job.train.teacher_mode == "online"
+          or any(s.kind == "on_policy" for s in job.train.stages))
+
+
 class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was written."""
 
@@ -118,7 +125,7 @@ class Trainer:
     """`teacher`: the teacher model on `mesh`, needed (and only read) when
     config.train.teacher_mode=online."""
     self.job, self.reader, self.mesh, self.progress = job, reader, mesh, progress
-    if (job.train.teacher_mode == "online") != (teacher is not None):
+    if needs_teacher(job) != (teacher is not None):
       raise UserError(f"config.train.teacher_mode={job.train.teacher_mode!r}: "
                       + ("needs the teacher loaded beside the student (train.train does)"
                          if teacher is None else "no teacher is run in the step"))
@@ -238,7 +245,8 @@ class Trainer:
     return stop
 
   def _compile_step(self, stage: Stage, tx, trainable, opt_state):
-    if self.teacher is None:
+    # A teacher loaded for on-policy stages only: offline steps still read the cache.
+    if self.teacher is None or self.job.train.teacher_mode != "online":
       return jit_train_step(self.graphdef, self.template, tx, self._step_config(stage),
                             trainable, opt_state, self.mesh)
     t_graphdef, t_template, t_params = self.teacher
@@ -267,6 +275,9 @@ class Trainer:
     step_fn = self._compile_step(stage, tx, trainable, opt_state)
     sched = optim.schedule(stage, self.job.train, self.steps[i])
     n, off, tc = self.steps[i], self.offsets[i], self.job.train
+    if stage.kind == "on_policy":  # sample-then-score steps, keyed by (seed, global step)
+      from moedistill.training import on_policy
+      step_fn = on_policy.StageSteps(self, stage, tx, trainable, opt_state, step_fn, off + s0)
     tokens_per_step = tc.batch_size * self.reader.meta["seq_len"]
     # The bar is made after the first step, which compiles: its rate and ETA then count
     # compiled steps only (until then a placeholder, closed by _stop_if_not_finite if need be).
