@@ -106,7 +106,6 @@ def _help(argv):
     if a == "--":
       return
     if a in HELP:
-      from absl import app
       try:
         app.usage(shorthelp=HELP[a], writeto_stdout=True)
         if HELP[a]:
