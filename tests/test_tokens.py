@@ -108,7 +108,7 @@ def test_parquet_and_hub_streaming_equal_jsonl(tmp_path, tok_dir, monkeypatch):
     pq.write_table(pa.table({"text": texts}), tmp_path / f"{i}.parquet", row_group_size=1000)
   build([str(tmp_path / f"{i}.parquet") for i in range(2)], tok_dir, tmp_path / "pq")
   real = datasets.load_dataset
-  monkeypatch.setattr(datasets, "load_dataset", lambda name, cfg, split, streaming: real(
+  monkeypatch.setattr(datasets, "load_dataset", lambda name, cfg, split, streaming, revision: real(
       "json", data_files=files, split=split, streaming=streaming))  # a hub dataset of 2 files
   build(["org/dataset"], tok_dir, tmp_path / "hub")
   _, t, s = read_tokens(str(tmp_path / "ref"))
