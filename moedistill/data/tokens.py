@@ -77,24 +77,25 @@ def stage_piece(path: str, g: int, piece, spec: DataSpec, tok, sink) -> dict:
   return record
 
 
-def stage_mine(path, spec: DataSpec, plist, tok, arrays, rows_per_chunk, p: int, P: int,
-               progress: bool):
-  """Process p's pieces, skipping those already done; stops early for max_rows. A piece
-  whose offset is known (every earlier piece done: always with one process) is written
-  straight to the final arrays, the others are staged for the assembly pass."""
+def stage_mine(path, spec: DataSpec, pieces, tok, arrays, rows_per_chunk, proc: int,
+               nprocs: int, progress: bool):
+  """Process proc's pieces (piece g to process g mod nprocs), skipping those already done;
+  stops early for max_rows. A piece whose offset is known (every earlier piece done: always
+  with one process) is written straight to the final arrays, the others are staged for the
+  assembly pass."""
   recs = Records(path)
-  mine = range(p, len(plist), P)
+  mine = range(proc, len(pieces), nprocs)
   bar = tqdm(total=len(mine), unit="piece", desc=f"tokenizing {path}", disable=not progress,
              mininterval=1.0)
-  for g in mine:
-    if spec.max_rows and (recs.offset(g, spec.max_rows) or 0) >= spec.max_rows:
+  for piece in mine:
+    if spec.max_rows and (recs.offset(piece, spec.max_rows) or 0) >= spec.max_rows:
       break
-    if recs.get(g) is None:
-      at = recs.offset(g)
-      sink = (Staged(path, g) if at is None else
+    if recs.get(piece) is None:
+      at = recs.offset(piece)
+      sink = (Staged(path, piece) if at is None else
               Direct(arrays, at, spec.max_rows or np.iinfo(np.int64).max,
                      rows_per_chunk * cache.TOKEN_MARKS_PER_CHUNK))
-      recs.put(g, stage_piece(path, g, plist[g], spec, tok, sink))
+      recs.put(piece, stage_piece(path, piece, pieces[piece], spec, tok, sink))
     bar.update(1)
   # Closed here only: a refusal raised above leaves the bar open and `cli.fail` erases it, so
   # the error line stands alone (tqdm's iterator form would redraw it on the way out).
@@ -120,34 +121,34 @@ def piece_table(path, n_pieces: int, max_rows: int):
   return recs, stats
 
 
-def _mark_batches(done: np.ndarray, per: int, p: int, P: int):
-  """Process p's batches of `per` row chunks (a contiguous range of whole `tokens_done`
+def _mark_batches(done: np.ndarray, per: int, proc: int, nprocs: int):
+  """Process proc's batches of `per` row chunks (a contiguous range of whole `tokens_done`
   chunks, so no two processes write one mark chunk), those not all marked done."""
-  nb = -(-len(done) // per)
-  mine = range(p * nb // P, (p + 1) * nb // P)
+  n_batches = -(-len(done) // per)
+  mine = range(proc * n_batches // nprocs, (proc + 1) * n_batches // nprocs)
   lo_hi = ((b * per, min(b * per + per, len(done))) for b in mine)
   return [(lo, hi) for lo, hi in lo_hi if not done[lo:hi].all()]
 
 
-def assemble_mine(path, meta: dict, records, p: int, P: int):
-  """Marks process p's contiguous range of final row chunks done, one `tokens_done` chunk's
+def assemble_mine(path, meta: dict, records, proc: int, nprocs: int):
+  """Marks process proc's contiguous range of final row chunks done, one `tokens_done` chunk's
   worth of row chunks per batch; a batch holding rows of staged pieces is first copied from
   staging (batch b+1 read and its writes issued before batch b is waited on); rows written
   directly are only marked."""
-  R, n = meta["rows_per_chunk"], meta["rows"]
-  arrays = cache.open_arrays(path, meta, layout=cache.token_layout(n, meta["seq_len"], R),
-                             context=cache.ONCE)
+  rows_per_chunk, rows = meta["rows_per_chunk"], meta["rows"]
+  arrays = cache.open_arrays(path, meta, context=cache.ONCE,
+                             layout=cache.token_layout(rows, meta["seq_len"], rows_per_chunk))
   marks = arrays["tokens_done"]
   done = marks.read().result()
   src = PieceRows(path, records, arrays)
   pending, marking = None, []
-  for lo, hi in _mark_batches(done, marks.chunk_layout.write_chunk.shape[0], p, P):
-    sl = slice(lo * R, min(hi * R, n))
+  for lo, hi in _mark_batches(done, marks.chunk_layout.write_chunk.shape[0], proc, nprocs):
+    sl = slice(lo * rows_per_chunk, min(hi * rows_per_chunk, rows))
     writes = []
-    if any("at" not in records[g] for g in src.pieces(sl.start, sl.stop)):
-      rows = src.rows(sl.start, sl.stop)
-      writes = [arrays["tokens"][sl].write(rows[:, 0]),
-                arrays["segment_ids"][sl].write(rows[:, 1])]
+    if any("at" not in records[piece] for piece in src.pieces(sl.start, sl.stop)):
+      staged = src.rows(sl.start, sl.stop)
+      writes = [arrays["tokens"][sl].write(staged[:, 0]),
+                arrays["segment_ids"][sl].write(staged[:, 1])]
     if pending:
       marking.append(_mark(marks, *pending))
     pending = (writes, lo, hi)
@@ -249,41 +250,68 @@ def _unsized_arrays(path, meta):
 
 def build(spec: DataSpec, path: str, tok, *, rows_per_chunk: int, codec: str,
           overwrite: bool = False, verify: bool = False, progress: bool = True) -> dict:
-  """Runs the tokens phase (every process calls it); returns the complete tokens metadata."""
+  """Runs the tokens phase (every process calls it); returns the complete tokens metadata.
+  Each step below ends in a barrier every process reaches; work only process 0 does (the
+  fingerprint, metadata, resizes) happens inside a step, before its barrier."""
   import jax
-  p, P = jax.process_index(), jax.process_count()
-  plist, empty_files = sources.pieces(spec)
-  _precheck(spec, plist)
-  if p == 0:  # the others need no fingerprint: hashing is done once
-    old = cache.read_metadata(path, META)
-    new = settings(spec, rows_per_chunk, codec, old and old.get("files"), verify)
-    _start(path, new, overwrite, len(plist), empty_files)
-  _barrier(f"tokens {path} started")
-  meta = cache.read_metadata(path, META)
+  proc, nprocs = jax.process_index(), jax.process_count()
+  pieces, empty_files = sources.pieces(spec)
+  _precheck(spec, pieces)
+  meta = _started(spec, path, pieces, empty_files, rows_per_chunk, codec, overwrite, verify,
+                  proc)
   if meta.get("complete"):
     return meta
-  if p == 0 and meta.get("rows") is None:
+  arrays = _arrays_opened(path, meta, proc)
+  stage_mine(path, spec, pieces, tok, arrays, rows_per_chunk, proc, nprocs,
+             progress and proc == 0)
+  _barrier(f"tokens {path} staged")
+  meta, records, stats = _sized(spec, path, meta, arrays, len(pieces), rows_per_chunk, proc)
+  assemble_mine(path, meta, records, proc, nprocs)
+  _barrier(f"tokens {path} assembled")
+  return _completed(path, meta, stats, proc)
+
+
+def _started(spec, path, pieces, empty_files, rows_per_chunk, codec, overwrite, verify,
+             proc) -> dict:
+  """Process 0 fingerprints the data once and starts (or resumes) the store; every process
+  then reads its metadata."""
+  if proc == 0:
+    old = cache.read_metadata(path, META)
+    new = settings(spec, rows_per_chunk, codec, old and old.get("files"), verify)
+    _start(path, new, overwrite, len(pieces), empty_files)
+  _barrier(f"tokens {path} started")
+  return cache.read_metadata(path, META)
+
+
+def _arrays_opened(path, meta, proc):
+  """The token arrays, created by process 0 at a row bound when the row count is unknown."""
+  if proc == 0 and meta.get("rows") is None:
     _unsized_arrays(path, meta)
   _barrier(f"tokens {path} arrays")
-  arrays = _open(path, meta)
-  stage_mine(path, spec, plist, tok, arrays, rows_per_chunk, p, P, progress and p == 0)
-  _barrier(f"tokens {path} staged")
-  records, stats = piece_table(path, len(plist), spec.max_rows)
+  return _open(path, meta)
+
+
+def _sized(spec, path, meta, arrays, n_pieces, rows_per_chunk, proc):
+  """Every piece is staged: the row count is known; process 0 cuts the arrays to it (a
+  metadata-only resize) and records it. Returns (metadata with rows, piece records, stats)."""
+  records, stats = piece_table(path, n_pieces, spec.max_rows)
   total = sum(r["rows"] for r in records)
-  n = min(total, spec.max_rows or total)
-  if n == 0:
+  rows = min(total, spec.max_rows or total)
+  if rows == 0:
     raise ConfigError(f"{spec.name}={list(spec.source)}: no rows after tokenization (every "
                       "document is empty)")
-  if p == 0 and meta.get("rows") is None:
-    for name, (_, shape) in cache.token_layout(n, spec.seq_len, rows_per_chunk).items():
+  if proc == 0 and meta.get("rows") is None:
+    for name, (_, shape) in cache.token_layout(rows, spec.seq_len, rows_per_chunk).items():
       arrays[name].resize(exclusive_max=[shape[0], *[None] * (len(shape) - 1)],
                           resize_metadata_only=True).result()
-    cache.write_metadata(path, {**meta, "rows": n}, META)
+    cache.write_metadata(path, {**meta, "rows": rows}, META)
   _barrier(f"tokens {path} sized")
-  meta = {**meta, "rows": n}
-  assemble_mine(path, meta, records, p, P)
-  _barrier(f"tokens {path} assembled")
-  if p == 0:
+  return {**meta, "rows": rows}, records, stats
+
+
+def _completed(path, meta, stats, proc) -> dict:
+  """Process 0 marks the store complete and deletes the staged pieces."""
+  if proc == 0:
     meta.update(complete=True, stats={**meta["stats"], **stats})
     cache.write_metadata(path, meta, META)
     cache.kvstore(path).delete_range(ts.KvStore.KeyRange(STAGING, STAGING[:-1] + "0")).result()

@@ -7,8 +7,8 @@ Legend: m sorted token copies, d in features, f out features, e groups (experts)
 Kernels: `ReferenceKernel` (jax.lax.ragged_dot / ragged_dot_general: exact, any backend;
 the CPU stand-in that tests the VJP wiring) and `MosaicGpuKernel` (Hopper Pallas kernels from
 jax.experimental.pallas.ops.gpu; rows padded to the tile). Default ragged_dot is never used
-on GPU: it lowers to a dense masked matmul there (docs/design.md, "MoE dispatch"), and on CPU too (at 8192 copies
-x 128 experts it costs ~130x the ideal FLOPs), so CPU uses `tiled_matmul` over rows that
+on GPU: it lowers to a dense masked matmul there (docs/design.md, "MoE dispatch"), and on
+CPU too (at 8192 copies x 128 experts it costs ~130x the ideal FLOPs), so CPU uses `tiled_matmul` over rows that
 moe.SortedDispatch lays out in one-expert tiles, moved by gather-only `gather_rows`;
 `tiled_matmul_live` skips at run time the tiles past a count (expert parallelism's worst-case
 receive buffer holds far fewer rows than its size).
