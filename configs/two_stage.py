@@ -135,6 +135,10 @@ def get_config(arg: str = ""):
   c.train.restart_from = ""            # checkpoint step dir (.../checkpoints/<step>) whose params
                                        # start this run when its workdir has no checkpoints
 
+  c.report = ml_collections.ConfigDict()
+  c.report.gen_prompts = 64            # held-out prompts of greedy exact match per model in the
+                                       # report, the demo teacher's four tasks (0 = off)
+
   c.stage_order = "wrappers,all"      # stages to run, in order (ConfigDict keys sort by name)
   c.stages = ml_collections.ConfigDict()
   c.stages.wrappers = _stage(120, [(".*wrapper.*", 1.0), (".*", 0.0)])

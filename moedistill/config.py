@@ -179,6 +179,8 @@ class Job:
   student_init: str
   ranks: tuple[int, int, int]
   train: TrainConfig
+  gen_prompts: int = 0  # report: held-out prompts of greedy exact match (training/gen_eval.py;
+                        # only with the demo's teacher; 0 = off, the default without config.report)
 
   def cache_path(self, split: str) -> str:
     return join(self.cache.path, split)
@@ -418,4 +420,11 @@ def job_from_config(c) -> Job:
       model=_runtime(c.model),
       mesh=MeshConfig(**{a: c.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}),
       student_init=st.init_from or str(Path(c.workdir, "student_init")), ranks=ranks,
-      train=_train(c))
+      train=_train(c), gen_prompts=_gen_prompts(c))
+
+
+def _gen_prompts(c) -> int:
+  n = c.get("report", {}).get("gen_prompts", 0)
+  _check(isinstance(n, int) and not isinstance(n, bool) and n >= 0,
+         f"config.report.gen_prompts={n!r}: expected 0 (off) or a positive integer")
+  return n

@@ -17,6 +17,7 @@ import jax
 from moedistill import atomic_io, sharding
 from moedistill.config import Job
 from moedistill.data.cache import CacheReader
+from moedistill.training import gen_eval
 from moedistill.training.held_out import evaluate_model
 from moedistill.hub import hf
 from moedistill.model import resolve
@@ -53,6 +54,10 @@ def write_report(job: Job, mesh=None) -> dict:
   report = {key: evaluate_path(job, path, reader, mesh, teacher)
             for key, path in paths.items()}
   del teacher
+  # Greedy exact match on held-out prompts of the demo corpus's tasks (gen_eval; {} when
+  # config.report.gen_prompts=0 or the teacher is not the demo's).
+  for key, figures in gen_eval.report_figures(job, paths, mesh).items():
+    report[key]["gen_exact_match"] = figures
   if jax.process_index() != 0:
     return report
   print(f"{'held-out':<20} {'ppl':>9} {'KL to teacher':>14} {'KL (full vocab)':>16} "
@@ -61,6 +66,7 @@ def write_report(job: Job, mesh=None) -> dict:
     r = report[key]
     print(f"{name:<20} {r['ppl']:>9.3f} {r['kl']:>14.4f} {r['kl_full']:>16.4f} "
           f"{r['top1_agreement']:>12.3f}")
+  gen_eval.print_table(report, ROWS)
   atomic_io.write_json(workdir / "report.json", report)
   plot_losses(workdir)
   return report
