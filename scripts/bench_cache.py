@@ -107,6 +107,7 @@ def added_kl(plain_path, packed_path, temperature=1.0, rows=16):
   the exact teacher (within bf16 rounding); positions whose top-k id sets differ (ties at
   rank k) are left out and counted."""
   from moedistill.data import cache
+  plain_path, packed_path = str(plain_path), str(packed_path)
   a, b = (cache.CacheReader(x).read_rows(np.arange(rows)) for x in (plain_path, packed_path))
   j = cache.CacheReader(plain_path).temperature_index(temperature)
   k = a["topk_idx"].shape[-1]
