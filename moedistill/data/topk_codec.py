@@ -202,7 +202,8 @@ def encode_sampled(ids_pn):
 def sampled_weights(exact_logit_pe, lse_p, counts_pn, temperature: float):
   """Target weights ([P, E] for the exact ids, [P, N] for the sampled ones) whose
   expectation is the teacher's distribution p at T, id by id:
-    exact top ids j:  w_j = p_j, exactly (p_j = exp(logit_j / T - lse));
+    exact top ids j:  w_j = p_j = exp(logit_j / T - lse) (exact up to the bf16 rounding of
+                      the stored logits, as in a plain cache);
     sampled ids i:    w_i = R c_i / N, R = 1 - sum_j p_j the rest's mass and c_i the count
                       of i among N draws from p restricted to the rest (p_i / R): E[c_i] =
                       N p_i / R, so E[w_i] = p_i.

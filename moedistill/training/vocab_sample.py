@@ -6,7 +6,10 @@ chunks of searchsorted(C + cumsum(p_chunk), u) clipped to the chunk (C the mass 
 before). p = exp(z / T - lse_T) with the lse of `topk_lse`'s pass; ids in `excl` (the exact
 top ids of `cache.exact_k`) get p = 0, and u is scaled to the remaining mass, so the draw is
 from p restricted to the rest. The cumulative sums are float32: an id's interval is off by
-the rounding of the running sum (~1e-7 of the mass), far below what N draws resolve.
+the rounding of the running sum (~1e-7 of the mass), far below what N draws resolve; a u
+past the float32 total (that rounding again) draws the last id. With exact ids holding all
+but ~1e-6 of the mass, the rest's rounding is relative to that sliver, but so is its weight
+in the loss (R c / N, data/topk_codec.sampled_weights).
 """
 from __future__ import annotations
 
