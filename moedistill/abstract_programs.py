@@ -133,6 +133,12 @@ def train_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Progra
         else None
     fn = jit_train_step(graphdef, template, tx, step_config(job, stage, cfg, t_index), tr, opt,
                         mesh, teacher_def)
+    if stage.kind == "on_policy":  # sample and score programs (training/on_policy.py), and
+      from moedistill.training.on_policy import stage_programs  # offline steps if lmbda < 1
+      out += stage_programs(job, cfg, rt, mesh, stage, (graphdef, template), tx, tr, fr, opt,
+                            params)
+      if stage.lmbda >= 1.0:
+        continue
     args = (batch,) if teacher_def is None else (batch, teacher)
     # params: the student's and, online, the teacher's (both resident during the step)
     out.append(Program(f"train_{stage.name}",

@@ -190,3 +190,34 @@ class StageSteps:
     trainable, opt_state, m = self.step(trainable, frozen, opt_state, rows, self.t_params)
     return trainable, opt_state, {**m, "on_policy": 1.0,
                                   "new_tokens": jnp.mean(new.astype(jnp.float32))}
+
+
+def stage_programs(job, cfg, rt, mesh, stage, student_def, tx, tr, fr, opt, params):
+  """`plan`'s programs of an on-policy stage, with abstract inputs: `sample_<name>` (the
+  student's decode of one global batch of prompts; the teacher and the Adam state stay
+  resident beside it) and `score_<name>` (the on-policy step: both models' forwards over
+  prompt + sample, the fused divergence, its backward and the update; the teacher's params
+  an argument). student_def: the abstract student's (graphdef, template); tr / fr / opt /
+  params: abstract trainable, frozen, optimizer state and all student params."""
+  from moedistill.abstract_programs import abstract_model, batch_specs, lower
+  from moedistill.hlo_cost import Program, device_bytes
+  from moedistill.training.trainer import step_config
+  graphdef, template = student_def
+  t_graphdef, t_template, teacher = abstract_model(cfg, rt, None, mesh)
+  b = batch_specs(mesh, job.train.batch_size, job.train_data.seq_len, 1, 1)
+  rows = {"tokens": b["tokens"], "segment_ids": b["segment_ids"],
+          "loss_mask": jax.ShapeDtypeStruct(b["tokens"].shape, jnp.bool_,
+                                            sharding=b["tokens"].sharding)}
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  eos = cfg.eos_token_id if cfg.eos_token_id is not None else ()
+  eos = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),) if eos != () else ()
+  sample = sample_program(graphdef, template, stage, mesh, eos)
+  step = jit_step(graphdef, template, tx, step_config(job, stage, cfg, None), stage.beta, tr,
+                  opt, mesh, (t_graphdef, t_template))
+  both, t_bytes, o_bytes = device_bytes(params) + device_bytes(teacher), \
+      device_bytes(teacher), device_bytes(opt)
+  return [Program(f"sample_{stage.name}",
+                  lambda: lower(sample, tr, fr, b["tokens"], b["segment_ids"], scalar, scalar),
+                  both, o_bytes, resident=t_bytes + o_bytes),
+          Program(f"score_{stage.name}", lambda: lower(step, tr, fr, opt, rows, teacher),
+                  both, o_bytes)]
