@@ -311,33 +311,43 @@ def _pending_steps(job, done, mesh):
 
 def _write_pending(job, meta, arrays, fwd, mesh, path, show):
   """Runs the teacher over every pending step, reading the next step's token chunks while
-  this one computes; returns throughput stats."""
-  R, per, n, L = job.cache.rows_per_chunk, job.cache.chunks_per_step, meta["rows"], meta["seq_len"]
-  p = jax.process_index()
+  this one computes and writing this step's chunks while the next one computes; returns
+  throughput stats. A step is `chunks_per_step` row chunks per process."""
+  rows_per_chunk, rows, seq_len = job.cache.rows_per_chunk, meta["rows"], meta["seq_len"]
+  per_proc, proc = job.cache.chunks_per_step, jax.process_index()
   done = arrays["done"].read().result()
   steps = _pending_steps(job, done, mesh)
-  rows_of = lambda c: min(R, n - c * R) if c < len(done) and not done[c] else 0  # noqa: E731
-  total = sum(rows_of(c) for st in steps for c in st)
+
+  def chunk_rows(chunk):
+    """Rows of a chunk still to compute (0 when done or past the end)."""
+    pending = chunk < len(done) and not done[chunk]
+    return min(rows_per_chunk, rows - chunk * rows_per_chunk) if pending else 0
+
+  def my_chunks(step):
+    return step[proc * per_proc:(proc + 1) * per_proc]
+
+  total = sum(chunk_rows(chunk) for step in steps for chunk in step)
   # The bar is made after the first step, which compiles: its rate and ETA then count
   # compiled steps only.
   bar = tqdm(disable=True)
   t0, tokens_done, inflight = time.time(), 0, []
   t_first, tokens_first = None, 0  # throughput excludes the first (compiling) step
-  nxt = _read_step(arrays, steps[0][p * per:(p + 1) * per], R, n) if steps else None
-  for k, step in enumerate(steps):
-    mine = step[p * per:(p + 1) * per]
-    tok, seg = _gather(nxt, R, L)
-    if k + 1 < len(steps):
-      nxt = _read_step(arrays, steps[k + 1][p * per:(p + 1) * per], R, n)
-    u = ([sharding.global_batch(mesh, uniforms(job, mine, R, L))]
-         if job.cache.mode == "sampled" else [])
-    out = fwd(sharding.global_batch(mesh, tok), sharding.global_batch(mesh, seg), *u)
+  next_read = _read_step(arrays, my_chunks(steps[0]), rows_per_chunk, rows) if steps else None
+  for n, step in enumerate(steps):
+    mine = my_chunks(step)
+    tok, seg = _gather(next_read, rows_per_chunk, seq_len)
+    if n + 1 < len(steps):
+      next_read = _read_step(arrays, my_chunks(steps[n + 1]), rows_per_chunk, rows)
+    draws = ([sharding.global_batch(mesh, uniforms(job, mine, rows_per_chunk, seq_len))]
+             if job.cache.mode == "sampled" else [])
+    out = fwd(sharding.global_batch(mesh, tok), sharding.global_batch(mesh, seg), *draws)
     _finish(arrays, inflight)  # previous step's writes overlapped this step's compute
     out = [sharding.local_rows(x) for x in out]
-    inflight = [(c, _write_chunk(arrays, c, j, R, rows_of(c), *out, meta=meta))
-                for j, c in enumerate(mine) if rows_of(c)]
-    step_rows = sum(rows_of(c) for c in step)
-    tokens_done += step_rows * L
+    inflight = [(chunk, _write_chunk(arrays, chunk, slot, rows_per_chunk, chunk_rows(chunk),
+                                     *out, meta=meta))
+                for slot, chunk in enumerate(mine) if chunk_rows(chunk)]
+    step_rows = sum(chunk_rows(chunk) for chunk in step)
+    tokens_done += step_rows * seq_len
     if t_first is None:
       t_first, tokens_first = time.time(), tokens_done
       bar = tqdm(total=total, initial=step_rows, unit="row", disable=not show,
@@ -352,14 +362,19 @@ def _write_pending(job, meta, arrays, fwd, mesh, path, show):
           if dt > 0 and tokens_done > tokens_first else None}
 
 
-def _write_chunk(arrays, c, j, R, m, v, i, lse, ids=None, meta=None):
-  sl, rs = slice(c * R, c * R + m), slice(j * R, j * R + m)
+def _write_chunk(arrays, chunk, slot, rows_per_chunk, n_rows, logits, ids, lse, sampled=None,
+                 meta=None):
+  """Writes row chunk `chunk` from slot `slot` of this process's step outputs (its first
+  `n_rows` rows); returns the write futures."""
+  dest = slice(chunk * rows_per_chunk, chunk * rows_per_chunk + n_rows)
+  src = slice(slot * rows_per_chunk, slot * rows_per_chunk + n_rows)
   if meta is not None and meta["format"] != cache.FORMAT:
-    return _write_coded_chunk(arrays, c, sl, meta, v[rs], i[rs], lse[rs],
-                              None if ids is None else ids[rs])
-  return [arrays["topk_idx"][sl].write(i[rs]),
-          arrays["topk_logit"][sl].write(v[rs].astype(arrays["topk_logit"].dtype.numpy_dtype)),
-          arrays["lse"][sl].write(lse[rs])]
+    return _write_coded_chunk(arrays, chunk, dest, meta, logits[src], ids[src], lse[src],
+                              None if sampled is None else sampled[src])
+  return [arrays["topk_idx"][dest].write(ids[src]),
+          arrays["topk_logit"][dest].write(
+              logits[src].astype(arrays["topk_logit"].dtype.numpy_dtype)),
+          arrays["lse"][dest].write(lse[src])]
 
 
 def _write_coded_chunk(arrays, c, sl, meta, v, i, lse, ids):
