@@ -26,7 +26,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moedistill.model.layers import rope
 
 
 def init_cache(model, batch: int, length: int):
@@ -48,11 +47,7 @@ def _attend(attn, x_btd, slots_bt, cache):
   values go into the cache at those slots, then the queries attend to every slot at or
   before their own. Returns (output [b, t, d], new cache)."""
   b, t, _ = x_btd.shape
-  q_btqh = rope(attn.q_norm(attn.q_proj(x_btd).reshape(b, t, attn.n, attn.h)), slots_bt,
-                attn.theta)
-  k_btgh = rope(attn.k_norm(attn.k_proj(x_btd).reshape(b, t, attn.g, attn.h)), slots_bt,
-                attn.theta)
-  v_btgh = attn.v_proj(x_btd).reshape(b, t, attn.g, attn.h)
+  q_btqh, k_btgh, v_btgh = attn.qkv(x_btd, slots_bt)
   k_cache, v_cache = cache
   start_b = slots_bt[:, 0]  # a call's t tokens occupy consecutive slots
   k_cache, v_cache = _write(k_cache, k_btgh, start_b), _write(v_cache, v_btgh, start_b)

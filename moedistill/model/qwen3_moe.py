@@ -39,13 +39,18 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(h, cfg.rms_norm_eps, rt)
     self.n, self.g, self.h, self.theta, self.rt = n, g, h, cfg.rope_theta, rt
 
-  def __call__(self, x_btd, positions_bt, segment_ids_bt):
+  def qkv(self, x_btd, positions_bt):
+    """Queries [b, t, n, h] and keys [b, t, g, h] (normed, rotated) and values [b, t, g, h]."""
     b, t, _ = x_btd.shape
     q_btnh = rope(self.q_norm(self.q_proj(x_btd).reshape(b, t, self.n, self.h)), positions_bt,
                   self.theta)
     k_btgh = rope(self.k_norm(self.k_proj(x_btd).reshape(b, t, self.g, self.h)), positions_bt,
                   self.theta)
-    v_btgh = self.v_proj(x_btd).reshape(b, t, self.g, self.h)
+    return q_btnh, k_btgh, self.v_proj(x_btd).reshape(b, t, self.g, self.h)
+
+  def __call__(self, x_btd, positions_bt, segment_ids_bt):
+    b, t, _ = x_btd.shape
+    q_btnh, k_btgh, v_btgh = self.qkv(x_btd, positions_bt)
     impl = attention.resolve(self.rt.attention, t, self.rt.dtype, self.rt.attention_block)
     o_btnh = attention.attention(q_btnh, k_btgh, v_btgh, segment_ids_bt, impl=impl,
                                  block=self.rt.attention_block)
