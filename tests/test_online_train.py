@@ -98,9 +98,12 @@ def test_plan_accepts_online_and_counts_the_teacher(tmp_path):
     c.train.teacher_mode = mode
     job = job_from_config(c)
     got[mode] = plan.plan(job, mesh, 80 * 2**30, ["train"], show=False)["programs"]
-  cfg = plan.ModelConfig.from_json_file(tmp_path / "teacher" / "config.json")
-  _, _, teacher = plan.abstract_model(cfg, plan.runtime(job), None, mesh)
-  t_bytes = plan.device_bytes(teacher)
+  from moedistill.abstract_programs import abstract_model
+  from moedistill.hlo_cost import device_bytes
+  from moedistill.model.config import ModelConfig
+  cfg = ModelConfig.from_json_file(tmp_path / "teacher" / "config.json")
+  _, _, teacher = abstract_model(cfg, job.model, None, mesh)
+  t_bytes = device_bytes(teacher)
   assert t_bytes > 0 and set(got["online"]) == {"train_wrappers", "train_all"}
   for name, r in got["online"].items():
     assert r["params_bytes"] == got["cache"][name]["params_bytes"] + t_bytes
