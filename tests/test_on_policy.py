@@ -160,6 +160,7 @@ def test_sigkill_inside_on_policy_stage_resumes_bit_identical(tmp_path, teacher,
   from moedistill.training import on_policy
 
   def config(where):
+    where.mkdir(exist_ok=True)
     c = on_policy_config(where, teacher, order="wrappers,op", op_steps=6, lmbda=0.5)
     c.train.batch_size = 4
     c.train.checkpoint_every = 1
