@@ -37,6 +37,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert {"ppl", "kl", "top1_agreement"} <= set(r)
   assert report["teacher"]["kl"] < 0.01 and report["teacher"]["top1_agreement"] > 0.99
   assert report["student_distilled"]["kl"] < report["student_init"]["kl"]
+  # greedy exact match on 64 held-out task prompts (training/gen_eval.py): every model, every
+  # task; the teacher reproduces its own forced answers (1.0 on every task when measured)
+  gen = {k: r["gen_exact_match"] for k, r in report.items()}
+  for g in gen.values():
+    assert set(g) == {"arithmetic", "brackets", "facts", "grammar", "overall", "prompts"}
+    assert g["prompts"] == 64
+  assert gen["teacher"]["overall"] >= 0.9 and "greedy exact match (64)" in first.stdout
   assert (work / "loss_curves.png").stat().st_size > 1000
   assert "distilled student" in first.stdout
   tok = AutoTokenizer.from_pretrained(work / "export")

@@ -130,27 +130,49 @@ def test_scorer_matches_exactly_on_a_hand_made_case():
       "arithmetic": 1 / 3, "brackets": 0.5, "facts": 0.0, "overall": 2 / 6, "prompts": 6}
 
 
-def test_the_teacher_scores_well_above_its_zero_shot_student(tmp_path, settings):
-  """16 prompts, 4 per task. Measured: teacher 1.0 on every task; the rank-4 zero-shot
-  student (the demo's compression) 0.5 overall (arithmetic 0.25, brackets 0.75, facts 0.25,
-  grammar 0.75). The student is loaded merged (load_plain), sharing the teacher's program."""
-  from transformers import AutoTokenizer
+def _demo_job(**report):
+  import importlib.util
 
+  from moedistill.config import job_from_config
+  spec = importlib.util.spec_from_file_location("two_stage", REPO / "configs" / "two_stage.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.report.update(report)
+  return job_from_config(c)
+
+
+def test_the_teacher_scores_well_above_its_zero_shot_student(tmp_path, capsys):
+  """16 prompts, 4 per task, through the report's path (config.report.gen_prompts, the
+  checkpoints as report.write_report passes them). Measured: teacher 1.0 on every task; zero-shot student 0.5625 overall (arithmetic
+  0.25, brackets 1.0, facts 0.25, grammar 0.75; native and merged alike). The student (the demo's
+  rank-4 compression, saved native) is loaded merged, sharing the teacher's program."""
   from moedistill import compress
   from moedistill.hub import hf
   from moedistill.model.shared_core import Compression
-  G._program.cache_clear()
-  tok = AutoTokenizer.from_pretrained(TEACHER)
-  items = G.held_out_items(16, settings)
-  teacher, cfg = hf.load_model(TEACHER)
-  student, _ = compress.compress_model(teacher, Compression(4, 4, 4))
+  from moedistill.report import ROWS
+  job = _demo_job(gen_prompts=16)
+  assert job.gen_prompts == 16 and _demo_job(gen_prompts=0).gen_prompts == 0
+  teacher, _ = hf.load_model(TEACHER)
+  student, _ = compress.compress_model(teacher, Compression(*job.ranks))
   hf.save_model(student, tmp_path / "student_init", tokenizer_from=TEACHER)
-  from moedistill import sharding
-  mesh = sharding.make_mesh(sharding.MeshConfig())
-  merged, _ = G.load_plain(tmp_path / "student_init", teacher.runtime, mesh)
-  assert merged.compression is None and student.compression is not None
-  t = G.evaluate(teacher, items, tok, cfg.eos_token_id, cfg.pad_token_id, mesh)
-  s = G.evaluate(merged, items, tok, cfg.eos_token_id, cfg.pad_token_id, mesh)
-  assert G._program.cache_info().misses == 1  # one compiled program for both
-  assert t["prompts"] == s["prompts"] == 16
+  paths = {"teacher": job.teacher, "student_init": tmp_path / "student_init"}
+  G._program.cache_clear()
+  figures = G.report_figures(job, paths)
+  assert G._program.cache_info().misses == 1  # one compiled program for both models
+  t, s = figures["teacher"], figures["student_init"]
+  assert set(t) == set(s) == {*G.TASKS, "overall", "prompts"} and t["prompts"] == 16
   assert t["overall"] >= 0.9 and s["overall"] <= t["overall"] - 0.3, (t, s)
+  G.print_table({k: {"gen_exact_match": v} for k, v in figures.items()}, ROWS)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("greedy exact match (16)") and lines[0].split()[-5:] == [
+      *G.TASKS, "overall"]
+  assert lines[1].startswith("teacher") and lines[2].startswith("zero-shot student")
+  assert float(lines[1].split()[-1]) == pytest.approx(t["overall"], abs=5e-4)
+  # off: gen_prompts=0, or a teacher without the demo corpus's training.json
+  off = _demo_job(gen_prompts=0)
+  assert G.report_figures(off, paths) == {}
+  import dataclasses
+  other = tmp_path / "other_teacher"
+  other.mkdir()
+  assert G.report_figures(dataclasses.replace(job, teacher=str(other)), paths) == {}
