@@ -144,9 +144,10 @@ def _demo_job(**report):
 
 def test_the_teacher_scores_well_above_its_zero_shot_student(tmp_path, capsys):
   """16 prompts, 4 per task, through the report's path (config.report.gen_prompts, the
-  checkpoints as report.write_report passes them). Measured: teacher 1.0 on every task; zero-shot student 0.5625 overall (arithmetic
-  0.25, brackets 1.0, facts 0.25, grammar 0.75; native and merged alike). The student (the demo's
-  rank-4 compression, saved native) is loaded merged, sharing the teacher's program."""
+  checkpoints as report.write_report passes them). Measured: teacher 1.0 on every task;
+  zero-shot student 0.5625 overall (arithmetic 0.25, brackets 1.0, facts 0.25, grammar 0.75;
+  native and merged alike). The student (the demo's rank-4 compression, saved native) is
+  loaded merged, sharing the teacher's program."""
   from moedistill import compress
   from moedistill.hub import hf
   from moedistill.model.shared_core import Compression
