@@ -26,7 +26,7 @@ def _stage(steps, groups, **kw):
   return mod._stage(steps, groups, **kw)
 
 
-def on_policy_config(tmp, teacher, order="op", op_steps=12, **op):
+def on_policy_config(tmp, teacher, order="op", op_steps=6, **op):
   c = job_config(tmp, teacher)
   c.stage_order = order
   c.stages.wrappers.steps = 2
@@ -88,7 +88,7 @@ def op_run(tmp_path_factory, teacher):
   from moedistill.config import job_from_config
   from moedistill.train import train
   tmp = tmp_path_factory.mktemp("op_run")
-  job = job_from_config(on_policy_config(tmp, teacher))
+  job = job_from_config(on_policy_config(tmp, teacher, op_steps=24))
   t0 = time.time()
   export = train(job, progress=False)
   print(f"on-policy run: {time.time() - t0:.0f}s")
@@ -251,6 +251,7 @@ def test_on_policy_draws_are_a_pure_function_of_seed_and_step():
   assert all(on_policy.is_on_policy(0, g, 1.0) for g in range(100))
 
 
+@pytest.mark.slow
 def test_plan_compiles_sample_and_score_with_both_models_resident(tmp_path):
   from moedistill import plan, sharding
   from moedistill.config import job_from_config
