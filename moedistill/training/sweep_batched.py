@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from typing_extensions import override
 
 from moedistill import atomic_io, sharding
 from moedistill.config import Job
@@ -43,16 +44,22 @@ class BatchedTrainer(Trainer):
 
   def __init__(self, job: Job, model, reader, mesh, names: list[str], alphas_ps, *,
                progress: bool = True):
-    super().__init__(job, model, reader, mesh, progress=progress)
     self.names, self.alphas_ps = list(names), np.asarray(alphas_ps, np.float32)
-    n, self.rep = len(self.names), sharding.replicated(mesh)
     # One sharding for every input and output, so the step compiles once per stage.
-    self.params = jax.device_put({k: jnp.stack([v] * n) for k, v in self.params.items()},
-                                 self.rep)
+    self.rep = sharding.replicated(mesh)
+    super().__init__(job, model, reader, mesh, progress=progress)
 
+  @override
+  def _place_params(self, params: dict) -> dict:
+    """Each param stacked once per point, replicated."""
+    n = len(self.names)
+    return jax.device_put({k: jnp.stack([v] * n) for k, v in params.items()}, self.rep)
+
+  @override
   def _init_opt(self, tx, trainable):
     return jax.jit(jax.vmap(tx.init), out_shardings=self.rep)(trainable)
 
+  @override
   def _compile_step(self, stage, tx, trainable, opt_state):
     sc = self._step_config(stage)
 
@@ -67,6 +74,7 @@ class BatchedTrainer(Trainer):
                               self.rep)
     return lambda tr, fr, opt, batch: vstep(tr, fr, opt, alphas_p, batch)
 
+  @override
   def _host_metrics(self, m) -> dict:
     """Means over the points (a non-finite point makes the mean non-finite, so the
     Trainer stops on it), and every point's own metrics under "points"."""

@@ -131,18 +131,37 @@ class Trainer:
                          if teacher is None else "no teacher is run in the step"))
     # The online teacher: (graphdef, template) for the step, its params an input of it.
     self.teacher = None if teacher is None else P.split(teacher)
-    self.graphdef, self.template, self.params = P.split(model)
+    self.graphdef, self.template, params = P.split(model)
     self.cfg = model.config
-    self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
+    self.shapes = {k: tuple(v.shape) for k, v in params.items()}
+    self.params = self._place_params(params)
     self.workdir = Path(job.workdir)
     self.ckpt = Checkpoints(self.workdir / "checkpoints", keep=job.train.keep)
     self.steps = [stage_steps(s, reader.rows, job.train.batch_size) for s in job.train.stages]
     self.offsets = np.concatenate([[0], np.cumsum(self.steps)]).astype(int).tolist()
     self.sigterm = False
     self.pool = concurrent.futures.ThreadPoolExecutor(1)
-    self.loader = None  # loader.Loader (chunk-order reads, async, ahead), made by restore
-    self.lanes = None  # the run's read lanes, known after restore
-    self.logger = None  # opened after restore: a refused checkpoint leaves the workdir as is
+    # Where to continue (stage index, step in stage, opt_state or None); sets self.params
+    # from the newest checkpoint and self.lanes, the run's read lanes.
+    try:
+      self.start = self._restore()
+      self.loader = Loader(reader, batch_size=job.train.batch_size, seed=job.seed,
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           window=job.cache.shuffle_chunks, prefetch=job.cache.prefetch,
+                           lanes=self.lanes)  # refuses bad lanes before any work
+    except BaseException:
+      self.ckpt.close()
+      raise
+    # Opened last: a refused checkpoint or loader leaves the workdir as it was.
+    stage, step_in_stage, _ = self.start
+    self.logger = Logger(self.workdir, jax.process_index() == 0,
+                         self.offsets[stage] + step_in_stage)
+
+  # --- hooks a subclass may override (marked @override there): _place_params, _init_opt,
+  # _compile_step, _host_metrics -----------------------------------------------------------
+  def _place_params(self, params: dict) -> dict:
+    """The params the stages train, from the model's (a batched sweep stacks them)."""
+    return params
 
   # --- optimizer / state per stage -------------------------------------------------------
   def _stage_setup(self, i: int):
@@ -171,15 +190,12 @@ class Trainer:
     return {"params": abstract_like(self.params),
             "opt_state": abstract_like(self._init_opt(tx, tr))}
 
-  def restore(self):
+  def _restore(self):
     """(stage index, step in stage, opt_state or None) to continue from."""
     got = self.ckpt.restore_latest(self._target_for)
     # Checkpoints from before lanes existed were made with one lane.
     self.lanes = read_lanes(self.job.cache.read_lanes, got and got[1].get("read_lanes", 1),
                             jax.process_count())
-    self.loader = Loader(self.reader, self.job.train.batch_size, self.job.seed,
-                         jax.process_index(), jax.process_count(), self.job.cache.shuffle_chunks,
-                         self.job.cache.prefetch, self.lanes)  # refuses bad lanes before work
     if got is None:
       if self.job.train.restart_from:
         self.params = dict(restore_params(self.job.train.restart_from,
@@ -210,8 +226,7 @@ class Trainer:
     # More processes: JAX's preemption service has the signal (see _stop_requested).
     old = signal.signal(signal.SIGTERM, self._on_sigterm) if jax.process_count() == 1 else None
     try:
-      i, s0, opt_state = self.restore()
-      self.logger = Logger(self.workdir, jax.process_index() == 0, self.offsets[i] + s0)
+      i, s0, opt_state = self.start
       for i in range(i, len(self.steps)):
         self._run_stage(i, s0, opt_state)
         s0, opt_state = 0, None
@@ -221,8 +236,7 @@ class Trainer:
       if old is not None:
         signal.signal(signal.SIGTERM, old)
       self.ckpt.close()
-      if self.logger is not None:
-        self.logger.close()
+      self.logger.close()
 
   def _on_sigterm(self, *_):
     self.sigterm = True
