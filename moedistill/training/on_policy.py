@@ -30,7 +30,7 @@ import optax
 from moedistill import sharding
 from moedistill.model import decode
 from moedistill.training import loss, online_teacher, param_tree as P
-from moedistill.training.train_step import split_micro
+from moedistill.training.train_step import accumulate
 
 SAMPLE_KEYS = ("tokens", "segment_ids", "loss_mask")
 _TAG = 0x6F6E706F  # "onpo": keeps these streams apart from any other use of the seed
@@ -115,20 +115,8 @@ def make_step(graphdef, template, tx, sc, beta: float, teacher_def):
 
   def step(trainable, frozen, opt_state, batch, teacher_params):
     n_valid = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-    if sc.micro_batches == 1:
-      (total, sums), grads = grad_fn(trainable, frozen, batch, n_valid, teacher_params)
-    else:
-      def body(carry, mb):
-        g_acc, t_acc, s_acc = carry
-        (tl, s), g = grad_fn(trainable, frozen, mb, n_valid, teacher_params)
-        return (jax.tree.map(jnp.add, g_acc, g), t_acc + tl,
-                jax.tree.map(jnp.add, s_acc, s)), None
-      mbs = split_micro(batch, sc.micro_batches)
-      zeros_s = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], mbs), n_valid,
-                          teacher_params)[0][1]))
-      (grads, total, sums), _ = jax.lax.scan(
-          body, (jax.tree.map(jnp.zeros_like, trainable), 0.0, zeros_s), mbs)
+    total, sums, grads = accumulate(grad_fn, trainable, frozen, batch, n_valid, teacher_params,
+                                    sc.micro_batches)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     tokens = jnp.maximum(sums["tokens"], 1.0)

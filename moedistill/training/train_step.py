@@ -84,6 +84,28 @@ def split_micro(batch, m: int):
   return jax.tree.map(one, batch)
 
 
+def accumulate(grad_fn, trainable, frozen, batch, n_valid, teacher_params, micro_batches: int):
+  """(total loss, summed statistics, gradients) of `grad_fn` over the batch's micro-batches:
+  one call when micro_batches == 1, else a scan whose sums equal the one-batch call's (every
+  micro-batch's loss is already normalised by the global batch's `n_valid`)."""
+  if micro_batches == 1:
+    (total, sums), grads = grad_fn(trainable, frozen, batch, n_valid, teacher_params)
+    return total, sums, grads
+
+  def body(carry, mb):
+    g_acc, t_acc, s_acc = carry
+    (tl, s), g = grad_fn(trainable, frozen, mb, n_valid, teacher_params)
+    return (jax.tree.map(jnp.add, g_acc, g), t_acc + tl, jax.tree.map(jnp.add, s_acc, s)), None
+
+  mbs = split_micro(batch, micro_batches)
+  zeros_s = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], mbs), n_valid,
+                      teacher_params)[0][1]))
+  (grads, total, sums), _ = jax.lax.scan(
+      body, (jax.tree.map(jnp.zeros_like, trainable), 0.0, zeros_s), mbs)
+  return total, sums, grads
+
+
 def make_train_step(graphdef, template, tx: optax.GradientTransformation, sc: StepConfig,
                     teacher_def=None):
   """`teacher_def`: the teacher's (graphdef, template) when sc.online; the step then takes
@@ -98,19 +120,8 @@ def make_train_step(graphdef, template, tx: optax.GradientTransformation, sc: St
   def step(trainable, frozen, opt_state, batch, teacher_params=None):
     _, mask = labels_and_mask(batch["tokens"], batch["segment_ids"])
     n_valid = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
-    if sc.micro_batches == 1:
-      (total, sums), grads = grad_fn(trainable, frozen, batch, n_valid, teacher_params)
-    else:
-      def body(carry, mb):
-        g_acc, t_acc, s_acc = carry
-        (tl, s), g = grad_fn(trainable, frozen, mb, n_valid, teacher_params)
-        return (jax.tree.map(jnp.add, g_acc, g), t_acc + tl, jax.tree.map(jnp.add, s_acc, s)), None
-      zeros_g = jax.tree.map(jnp.zeros_like, trainable)
-      mbs = split_micro(batch, sc.micro_batches)
-      zeros_s = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], mbs), n_valid,
-                          teacher_params)[0][1]))
-      (grads, total, sums), _ = jax.lax.scan(body, (zeros_g, 0.0, zeros_s), mbs)
+    total, sums, grads = accumulate(grad_fn, trainable, frozen, batch, n_valid, teacher_params,
+                                    sc.micro_batches)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = loss.finalize(sums["kd_total"], {k: v for k, v in sums.items()
