@@ -118,9 +118,13 @@ def test_prose_overrides_parse(tmp_path):
   found = re.findall(r"(--config\.[\w.]+)=('[^']*'|[^\s`]+)", PROSE)
   assert len(found) >= 4, found
   overrides = [f"{name}={value.strip(chr(39)).replace(chr(10), ' ')}" for name, value in found]
-  # cache.format=packed and cache.mode=sampled exclude each other: two runs.
-  for group in ([o for o in overrides if not o.startswith("--config.cache.format")],
-                [o for o in overrides if o.startswith("--config.cache.format")]):
+  # A packed cache, a sampled cache and the other settings (several temperatures) exclude
+  # each other: one run each.
+  sampled = ("--config.cache.mode", "--config.cache.samples", "--config.train.kd_mode")
+  for group in ([o for o in overrides if not o.startswith(("--config.cache.format", *sampled))],
+                [o for o in overrides if o.startswith("--config.cache.format")],
+                [o for o in overrides if o.startswith(sampled)]
+                + ["--config.cache.temperatures=1"]):
     r = parse_only(["--config=configs/two_stage.py", *group], tmp_path)
     assert r.returncode == 0, f"{group}\n{r.stderr[-3000:]}"
 
