@@ -3,6 +3,7 @@ process (its own peak RSS, its own jax devices); the last line of each is its JS
 `--smoke` runs each on tiny shapes: a test that every benchmark still runs."""
 from __future__ import annotations
 
+import pkgutil
 import subprocess
 import sys
 
@@ -10,7 +11,11 @@ from absl import app, flags
 
 from benchmarks import common
 
-BENCHMARKS = ("torch_baseline", "speed")
+# Every module of the package is a benchmark (absl flags, `--smoke`, a JSON record as its last
+# line) except the shared helpers.
+NOT_BENCHMARKS = {"common", "__main__"}
+BENCHMARKS = tuple(sorted(m.name for m in pkgutil.iter_modules([str(common.REPO / "benchmarks")])
+                          if m.name not in NOT_BENCHMARKS and not m.name.startswith("_")))
 flags.DEFINE_bool("smoke", False, "tiny shapes (a test of the scripts, not a measurement)")
 flags.DEFINE_list("only", [], f"run only these, of {list(BENCHMARKS)}")
 F = flags.FLAGS
