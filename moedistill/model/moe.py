@@ -176,7 +176,7 @@ class PallasDispatch(SortedDispatch):
 
 def sorted_tile(m: int, num_experts: int) -> int:
   """Rows per tile: 32 (at 8192 copies x 128 experts, 32 and 64 were within noise of each
-  other and well ahead of 8 and 16: scripts/bench_moe_cpu.py --tiles); smaller when experts
+  other and well ahead of 8 and 16: python -m benchmarks.moe_cpu --tiles); smaller when experts
   get few copies each, so padding stays below the copies."""
   return max(8, min(32, 1 << max(0, (m // num_experts).bit_length() - 1)))
 

@@ -1,33 +1,38 @@
-"""The CPU MoE path (`sorted`) against `ragged` (jax.lax.ragged_dot) at 128 experts top-8.
+"""The CPU MoE path (`sorted`) against `ragged` (jax.lax.ragged_dot) at 128 experts top-8, in
+the same run.
 
-Usage:  python scripts/bench_moe_cpu.py [--reps 5] [--shapes 1024x64x64,2048x128x64]
-                                       [--tiles 8,16,32,64]
+  python -m benchmarks.moe_cpu [--reps=5] [--shapes=1024x64x64,2048x128x64] [--tiles=8,16,32,64]
+
 Each shape is tokens x hidden d x expert intermediate f (token copies m = 8 x tokens). Two
 programs per backend, each forward and forward+backward (grad w.r.t. input and weights):
   gmm: expand the tokens to their copies and one grouped matmul [m, d] x [e, d, f]
   ffn: the whole SwiGLU expert FFN (moe.expert_ffn: gate+up, down, weighted combine)
 Routing indices (argsort etc.) are computed inside each program, as in the model. Prints per
-program the compiled FLOPs (cost_analysis) over the ideal (2*m*d*f per matmul, x3 with the
-backward), temporary bytes (memory_analysis), median wall time, and ragged/sorted ratios.
+program the compiled FLOPs over the ideal (2*m*d*f per matmul, x3 with the backward) and the
+compiled temporaries (both from hlo_cost.measure, what `plan` reports), the median wall time,
+and ragged/sorted ratios; --tiles also times the sorted FFN per tile size.
 """
-import argparse
-import json
-import sys
+from __future__ import annotations
+
 import time
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moedistill.model import moe  # noqa: E402
+from benchmarks import common
+
+flags.DEFINE_integer("reps", 5, "timed calls per program (median)")
+flags.DEFINE_list("shapes", ["1024x64x64", "2048x128x64"], "tokens x d x f, ...")
+flags.DEFINE_list("tiles", [], "also time the sorted FFN at these tile sizes")
+flags.DEFINE_bool("smoke", False, "one small shape, one rep, one tile (a test of the script)")
+flags.DEFINE_string("out", "", "also write the JSON record here")
+F = flags.FLAGS
 
 E, K = 128, 8
 
 
 def programs(backend, t, d, f):
   """name -> (fn(x, w, experts, weights) -> y, ideal forward FLOPs, weight shapes)."""
+  from moedistill.model import moe
   m = t * K
 
   def gmm(x, w, experts, weights):
@@ -44,6 +49,9 @@ def programs(backend, t, d, f):
 def fwd_bwd(fn, ct):
   """grad of sum(fn(...) * ct) w.r.t. input and weights; gmm outputs keep the copies only
   (the sorted layout appends zero padding rows)."""
+  import jax
+  import jax.numpy as jnp
+
   def grads(x, w, experts, weights):
     loss = lambda x, w: jnp.sum(fn(x, w, experts, weights)[: ct.shape[0]] * ct)  # noqa: E731
     return jax.grad(loss, argnums=(0, 1))(x, w)
@@ -51,13 +59,16 @@ def fwd_bwd(fn, ct):
 
 
 def compiled_stats(fn, args):
-  c = jax.jit(fn).lower(*args).compile()
-  cost = c.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return cost["flops"], c.memory_analysis().temp_size_in_bytes
+  """(FLOPs, temporary bytes) of the compiled program, as `plan` measures them."""
+  import jax
+  from moedistill.hlo_cost import Program, measure
+  m = measure(Program("bench", lambda: jax.jit(fn).lower(*args), params=0))
+  return m["flops_per_device"], m["temp_bytes"]
 
 
 def median_ms(fn, args, reps):
+  import jax
+  import numpy as np
   f = jax.jit(fn)
   jax.block_until_ready(f(*args))
   times = []
@@ -68,11 +79,21 @@ def median_ms(fn, args, reps):
   return 1e3 * float(np.median(times))
 
 
-def measure(t, d, f, reps):
-  r = np.random.default_rng(0)
+def routed(t, d, seed=0):
+  """(tokens [t, d], top-k weights, experts): distinct experts per token, as routing gives."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  r = np.random.default_rng(seed)
   x = jnp.asarray(r.normal(size=(t, d)), jnp.float32)
-  # Distinct experts per token, as top-k routing gives.
   weights, experts = jax.lax.top_k(jax.nn.softmax(jnp.asarray(r.normal(size=(t, E)))), K)
+  return x, weights, experts
+
+
+def measure(t, d, f, reps):
+  import jax.numpy as jnp
+  import numpy as np
+  x, weights, experts = routed(t, d)
   out = {}
   for name in ("gmm", "ffn"):
     for backend in ("sorted", "ragged"):
@@ -86,6 +107,9 @@ def measure(t, d, f, reps):
         out[f"{name}.{mode}.{backend}"] = {
             "flops_over_ideal": round(flops / (mult * ideal), 2),
             "temp_mib": round(temp / 2**20, 1), "ms": round(median_ms(prog, args, reps), 2)}
+  for key in ("gmm.fwd", "gmm.fwd_bwd", "ffn.fwd", "ffn.fwd_bwd"):
+    out[f"{key}.time_ragged_over_sorted"] = round(
+        out[f"{key}.ragged"]["ms"] / max(out[f"{key}.sorted"]["ms"], 1e-3), 1)
   return out
 
 
@@ -99,45 +123,46 @@ def table(res):
       s, r = out[f"{key}.sorted"], out[f"{key}.ragged"]
       lines.append(f"{shape:24s} {key:12s} {s['flops_over_ideal']:19.2f} {s['temp_mib']:9.1f} "
                    f"{s['ms']:8.2f} | {r['flops_over_ideal']:19.2f} {r['temp_mib']:9.1f} "
-                   f"{r['ms']:8.2f} | {r['ms'] / s['ms']:17.1f}x")
+                   f"{r['ms']:8.2f} | {out[f'{key}.time_ragged_over_sorted']:17.1f}x")
   return "\n".join(lines)
 
 
 def tile_sweep(t, d, f, tiles, reps):
-  """Wall ms of the sorted expert FFN, forward and forward+backward, per tile size."""
-  r = np.random.default_rng(0)
-  x = jnp.asarray(r.normal(size=(t, d)), jnp.float32)
-  weights, experts = jax.lax.top_k(jax.nn.softmax(jnp.asarray(r.normal(size=(t, E)))), K)
+  """{tile: {fwd_ms, fwd_bwd_ms}} of the sorted expert FFN."""
+  import jax.numpy as jnp
+  import numpy as np
+  from moedistill.model import moe
+  x, weights, experts = routed(t, d)
+  r = np.random.default_rng(1)
   w = [jnp.asarray(r.normal(size=s) * 0.1, jnp.float32) for s in ((E, d, f),) * 2 + ((E, f, d),)]
   ct = jnp.asarray(r.normal(size=(t, d)), jnp.float32)
-  lines = []
+  out = {}
   for tile in tiles:
     def fn(x, w, experts, weights, tile=tile):
       return moe.expert_ffn(moe.SortedDispatch(experts, weights, E, tile), x, *w)
     args = (x, w, experts, weights)
-    lines.append(f"m={t * K} d={d} f={f} tile={tile:3d}: ffn fwd "
-                 f"{median_ms(fn, args, reps):7.2f} ms, fwd+bwd "
-                 f"{median_ms(fwd_bwd(fn, ct), args, reps):7.2f} ms")
-  return "\n".join(lines)
+    out[tile] = {"fwd_ms": round(median_ms(fn, args, reps), 2),
+                 "fwd_bwd_ms": round(median_ms(fwd_bwd(fn, ct), args, reps), 2)}
+    print(f"m={t * K} d={d} f={f} tile={tile:3d}: ffn fwd {out[tile]['fwd_ms']:7.2f} ms, "
+          f"fwd+bwd {out[tile]['fwd_bwd_ms']:7.2f} ms", flush=True)
+  return out
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--reps", type=int, default=5)
-  ap.add_argument("--shapes", default="1024x64x64,2048x128x64", help="tokens x d x f, ...")
-  ap.add_argument("--tiles", default="", help="also time the sorted FFN at these tile sizes")
-  a = ap.parse_args()
-  res = {}
-  for s in a.shapes.split(","):
-    t, d, f = (int(v) for v in s.split("x"))
-    res[f"m={t * K} d={d} f={f}"] = measure(t, d, f, a.reps)
+def main(argv):
+  del argv
+  if F.smoke:
+    F.shapes, F.reps, F.tiles = ["64x16x16"], 1, ["8"]
+  import jax
+  shapes = [tuple(int(v) for v in s.split("x")) for s in F.shapes]
+  res = {f"m={t * K} d={d} f={f}": measure(t, d, f, F.reps) for t, d, f in shapes}
   print(f"{E} experts top-{K}, float32, {jax.devices()[0].device_kind}")
-  print(table(res))
-  for s in a.shapes.split(",") if a.tiles else ():
-    t, d, f = (int(v) for v in s.split("x"))
-    print(tile_sweep(t, d, f, [int(v) for v in a.tiles.split(",")], a.reps))
-  print(json.dumps(res))
+  print(table(res), flush=True)
+  tiles = {f"m={t * K} d={d} f={f}": tile_sweep(t, d, f, [int(v) for v in F.tiles], F.reps)
+           for t, d, f in shapes} if F.tiles else {}
+  common.emit("moe_cpu", {"experts": E, "top_k": K, "dtype": "float32",
+                          "device": jax.devices()[0].device_kind, "shapes": res,
+                          "sorted_tiles": tiles, "peak_rss_gib": common.peak_rss_gib()}, F.out)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
