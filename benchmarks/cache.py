@@ -1,54 +1,62 @@
-"""Teacher-cache throughput and size: tokens/s and bytes/token on disk.
+"""Teacher-cache throughput and size: tokens/s and bytes/token on disk, per case and format
+in one run (the plain format is the baseline the others are read against).
 
-Usage: python scripts/bench_cache.py [--rows 64] [--seq_len 128] [--cases tiny,vocab151936]
-         [--formats plain,packed,sampled12,sampled32] [--logit_std 0] [--project_vocab 0]
-Cases (random weights, random token rows, one process, all local devices; `--teacher DIR`
-adds case `teacher`: that checkpoint, k=--k, random token rows or, with --text FILE.jsonl,
+  python -m benchmarks.cache --rows=128
+  python -m benchmarks.cache --cases=vocab151936 --formats=plain,packed,sampled12,sampled32 \
+      --logit_std=3
+
+Cases (random weights, random token rows, one process, all local devices; `--teacher=DIR`
+with `--cases=teacher`: that checkpoint, k=--k, random token rows or, with --text=FILE.jsonl,
 that text through the checkpoint's tokenizer.json):
   tiny         the embedded demo teacher's shape (moedistill/assets/tiny_teacher), k=32
   vocab151936  Qwen3's vocab (151936) on a small body (hidden 256, 2 layers, 8 experts), k=64
 Formats (docs/cache_format.md): plain (int32 ids, bf16 logits), packed (cache.format=packed),
 sampledN (cache.mode=sampled, N draws, one temperature).
---logit_std S scales the lm_head so the teacher's logits have standard deviation S (a random
+--logit_std=S scales the lm_head so the teacher's logits have standard deviation S (a random
 init's are nearly flat, so its top-k log-probs are all near 0 and code to almost nothing; a
 trained LM's spread is a few nats). Ids of a random teacher are spread evenly over the vocab:
 the id stream's worst case (a trained teacher's top ids cluster among frequent tokens).
---project_vocab V: also the bytes with the id stream projected to a vocab of V: each
+--project_vocab=V: also the bytes with the id stream projected to a vocab of V: each
 Rice-coded gap of a k-id row is about log2(gap) + 1.5 bits and stretching the ids by V / V0
 (V0 the case's vocab) stretches every gap alike, so k log2(V / V0) / 8 bytes per token are
 added to the measured id stream (packed_ids + rice_b).
-tokens/s excludes the first (compiling) step. Per array bytes on disk in `arrays`. Prints JSON.
+tokens/s excludes the first (compiling) step. Per array bytes on disk in `arrays`.
 """
-import argparse
+from __future__ import annotations
+
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
-from flax import nnx
+from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from configs.two_stage import get_config  # noqa: E402
-from moedistill.cache_logits import build_cache  # noqa: E402
-from moedistill.config import job_from_config  # noqa: E402
-from moedistill.data import tokens  # noqa: E402
-from moedistill.hub import hf  # noqa: E402
-from moedistill.model.config import ModelConfig  # noqa: E402
-from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
+from benchmarks import common
 
-ASSETS = Path(__file__).resolve().parent.parent / "moedistill" / "assets" / "tiny_teacher"
+flags.DEFINE_integer("rows", 64, "token rows cached")
+flags.DEFINE_integer("seq_len", 128, "tokens per row")
+flags.DEFINE_list("cases", ["tiny", "vocab151936"], "tiny, vocab151936, teacher (--teacher)")
+flags.DEFINE_list("formats", ["plain"], "plain, packed, sampledN")
+flags.DEFINE_float("logit_std", 0.0, "scale the random teacher's logits to this std (0: as "
+                   "initialised)")
+flags.DEFINE_integer("project_vocab", 0, "also project the id stream's bytes to this vocab")
+flags.DEFINE_string("teacher", "", "case teacher: a checkpoint directory")
+flags.DEFINE_integer("k", 64, "case teacher: cached top-k")
+flags.DEFINE_string("text", "", "case teacher: a jsonl of {'text': ...} rows")
+flags.DEFINE_bool("smoke", False, "case tiny, plain and packed, 32 x 32 tokens (a test of the "
+                  "script)")
+flags.DEFINE_string("out", "", "also write the JSON record here")
+F = flags.FLAGS
+
+ASSETS = common.REPO / "moedistill" / "assets" / "tiny_teacher"
 
 
-TEACHER = {"dir": None, "k": 64}
-
-
-def case_config(name) -> tuple[ModelConfig, int]:
+def case_config(name):
+  from moedistill.model.config import ModelConfig
   if name == "teacher":
-    return ModelConfig.from_json_file(Path(TEACHER["dir"]) / "config.json"), TEACHER["k"]
+    return ModelConfig.from_json_file(Path(F.teacher) / "config.json"), F.k
   if name == "tiny":
     return ModelConfig.from_json_file(ASSETS / "config.json"), 32
   return ModelConfig(vocab_size=151936, hidden_size=256, intermediate_size=512,
@@ -62,15 +70,18 @@ def dir_bytes(path) -> int:
 
 
 def make_teacher(name, tmp: Path, logit_std: float) -> Path:
+  import jax.numpy as jnp
+  from flax import nnx
+  from moedistill.hub import hf
+  from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
   cfg, _ = case_config(name)
   if name == "teacher":
-    return Path(TEACHER["dir"])
+    return Path(F.teacher)
   teacher_dir = tmp / f"{name}_teacher"
   if teacher_dir.exists():
     return teacher_dir
   model = Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0))
   if logit_std:
-    import jax.numpy as jnp
     h, _ = model.hidden(jnp.asarray(np.arange(256).reshape(2, 128) % cfg.vocab_size,
                                     jnp.int32), jnp.ones((2, 128), jnp.int32))
     z = h.reshape(-1, h.shape[-1]) @ model.lm_head_kernel()
@@ -86,17 +97,17 @@ def make_teacher(name, tmp: Path, logit_std: float) -> Path:
 def token_rows(name, cfg, r, rows_n, seq_len):
   """Random ids; for case `teacher` with --text, that jsonl's "text" through the teacher's
   tokenizer (tokenizer.json), concatenated and cut into rows."""
-  if name != "teacher" or not TEACHER.get("text"):
+  if name != "teacher" or not F.text:
     return r.integers(0, cfg.vocab_size, (rows_n, seq_len)).astype(np.int32)
   from tokenizers import Tokenizer
-  tok = Tokenizer.from_file(str(Path(TEACHER["dir"]) / "tokenizer.json"))
+  tok = Tokenizer.from_file(str(Path(F.teacher) / "tokenizer.json"))
   ids = []
-  for line in open(TEACHER["text"]):
+  for line in open(F.text):
     ids += tok.encode(json.loads(line)["text"]).ids
     if len(ids) >= rows_n * seq_len:
       break
   if len(ids) < rows_n * seq_len:
-    raise SystemExit(f"--text {TEACHER['text']}: {len(ids)} tokens, need {rows_n * seq_len}")
+    raise SystemExit(f"--text={F.text}: {len(ids)} tokens, need {rows_n * seq_len}")
   return np.asarray(ids[:rows_n * seq_len], np.int32).reshape(rows_n, seq_len)
 
 
@@ -127,6 +138,10 @@ def added_kl(plain_path, packed_path, temperature=1.0, rows=16):
 
 def run_case(name, rows_n, seq_len, tmp: Path, fmt: str = "plain", logit_std: float = 0.0,
              project_vocab: int = 0):
+  from configs.two_stage import get_config
+  from moedistill.cache_logits import build_cache
+  from moedistill.config import job_from_config
+  from moedistill.data import tokens
   cfg, k = case_config(name)
   teacher_dir = make_teacher(name, tmp, logit_std)
   r = np.random.default_rng(0)
@@ -177,33 +192,25 @@ def run_case(name, rows_n, seq_len, tmp: Path, fmt: str = "plain", logit_std: fl
   return out
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--rows", type=int, default=64)
-  ap.add_argument("--seq_len", type=int, default=128)
-  ap.add_argument("--cases", default="tiny,vocab151936")
-  ap.add_argument("--formats", default="plain")
-  ap.add_argument("--logit_std", type=float, default=0.0)
-  ap.add_argument("--project_vocab", type=int, default=0)
-  ap.add_argument("--teacher", default="")
-  ap.add_argument("--k", type=int, default=64)
-  ap.add_argument("--text", default="", help="case teacher: a jsonl of {'text': ...} rows")
-  a = ap.parse_args()
-  TEACHER.update(dir=a.teacher, k=a.k, text=a.text)
+def main(argv):
+  del argv
+  if F.smoke:
+    F.cases, F.formats, F.rows, F.seq_len = ["tiny"], ["plain", "packed"], 32, 32
+  import jax
   res = {"backend": jax.default_backend(), "devices": jax.device_count(),
          "cpu_count": os.cpu_count(), "cases": []}
   with tempfile.TemporaryDirectory() as tmp:
-    for name in a.cases.split(","):
-      for fmt in a.formats.split(","):
-        res["cases"].append(run_case(name, a.rows, a.seq_len, Path(tmp), fmt, a.logit_std,
-                                     a.project_vocab))
+    for name in F.cases:
+      for fmt in F.formats:
+        res["cases"].append(run_case(name, F.rows, F.seq_len, Path(tmp), fmt, F.logit_std,
+                                     F.project_vocab))
       done = {c["format"]: c for c in res["cases"] if c["case"] == name}
       if "plain" in done and "packed" in done:
         done["packed"]["added_kl_vs_plain_T1"] = added_kl(
             Path(tmp) / f"{name}_plain" / "cache" / "train",
             Path(tmp) / f"{name}_packed" / "cache" / "train")
-  print(json.dumps(res, indent=2))
+  common.emit("cache", res, F.out)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
