@@ -82,3 +82,47 @@ def emit(name: str, result: dict, out: str = "") -> dict:
   if out:
     Path(out).write_text(line + "\n")
   return record
+
+
+def write_checkpoint(path: Path, cfg, comp=None, shard_bytes: int = 512 << 20) -> dict:
+  """A random bf16 checkpoint of `cfg` (HF layout; native shared-core keys with `comp`),
+  generated tensor by tensor into shards plus an index, so the writer holds one tensor at a
+  time. Returns sizes: total bytes, largest tensor, shards."""
+  import ml_dtypes
+  import numpy as np
+  from flax import nnx
+  from moedistill.hub import hf, safetensors_io as st
+  from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
+  abstract = nnx.eval_shape(lambda: Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(0), compression=comp))
+  shapes = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+  table = [(e.hf_key, hf._hf_shape(e, shapes[e.path])) for e in hf.key_table(cfg, comp)]
+  shards, size = [[]], 0
+  for key, shape in table:
+    n = int(np.prod(shape)) * 2
+    if shards[-1] and size + n > shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append((key, shape))
+    size += n
+  path.mkdir(parents=True)
+  rng, weight_map = np.random.default_rng(0), {}
+  for i, group in enumerate(shards):
+    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    st.write(path / name, {k: (rng.standard_normal(s, np.float32) * 0.02).astype(
+        ml_dtypes.bfloat16) for k, s in group})
+    weight_map.update({k: name for k, _ in group})
+  sizes = [int(np.prod(s)) * 2 for _, s in table]
+  (path / hf.INDEX).write_text(json.dumps({"metadata": {"total_size": sum(sizes)},
+                                           "weight_map": weight_map}))
+  raw = {**cfg.to_hf_dict(), "torch_dtype": "bfloat16"}
+  if comp is not None:
+    raw["compression"] = comp.to_dict()
+  (path / "config.json").write_text(json.dumps(raw))
+  return {"bytes": sum(sizes), "largest_tensor": max(sizes), "shards": len(shards)}
+
+
+def host_rss_child_env() -> dict:
+  """Environment of a child process that measures its own host RSS: this repository's
+  moedistill, one CPU device, no forced device count inherited."""
+  return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="",
+              PYTHONWARNINGS="ignore")
