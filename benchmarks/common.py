@@ -84,6 +84,15 @@ def emit(name: str, result: dict, out: str = "") -> dict:
   return record
 
 
+def checkpoint_config(layers: int, experts: int, hidden: int, moe_intermediate: int):
+  """The narrowed Qwen3-30B-A3B with `experts` experts (4 / 2 heads of 64, dense width
+  4 x hidden): the checkpoints the load and export benchmarks write."""
+  return dataclasses.replace(
+      narrow_config(layers, hidden=hidden, heads=4, kv_heads=2, head_dim=64,
+                    moe_intermediate=moe_intermediate, intermediate=4 * hidden),
+      num_experts=experts)
+
+
 def write_checkpoint(path: Path, cfg, comp=None, shard_bytes: int = 512 << 20) -> dict:
   """A random bf16 checkpoint of `cfg` (HF layout; native shared-core keys with `comp`),
   generated tensor by tensor into shards plus an index, so the writer holds one tensor at a

@@ -12,7 +12,6 @@ narrow width, in 512 MB shards) is written under /tmp and deleted afterwards.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import socket
@@ -59,12 +58,6 @@ print(json.dumps({"load_s": time.perf_counter() - t0, "device_bytes": held, "bef
 """
 
 
-def config():
-  return dataclasses.replace(common.narrow_config(
-      F.layers, hidden=F.hidden, heads=4, kv_heads=2, head_dim=64, moe_intermediate=F.moe_f,
-      intermediate=4 * F.hidden), num_experts=F.experts)
-
-
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -99,7 +92,8 @@ def main(argv):
     F.layers, F.experts, F.hidden, F.moe_f, F.procs = 2, 8, 64, 32, 2
   tmp = Path(tempfile.mkdtemp(prefix="bench_load_"))
   try:
-    sizes = common.write_checkpoint(tmp / "ckpt", config())
+    sizes = common.write_checkpoint(
+        tmp / "ckpt", common.checkpoint_config(F.layers, F.experts, F.hidden, F.moe_f))
     bound = sizes["bytes"] / F.procs + sizes["largest_tensor"]
     r = run_procs(tmp / "ckpt", F.procs)
     gib = lambda b: f"{b / 2**30:.3f} GiB"  # noqa: E731

@@ -1,35 +1,43 @@
 """Peak host RSS and wall time of a merged export (hf.save_model, as `moedistill.export` and
 `train` run it) from a multi-shard bf16 native student checkpoint, in one run:
-  stream   this tree (each layer's experts merged once on device, tensors streamed to disk);
-  library  this tree with each shard written by the safetensors library's save_file (the
-           whole shard in memory first);
-  old      the export of an earlier commit (`git archive`; merge recomputed per expert key).
+  stream   each layer's experts merged once on device, tensors streamed to disk;
+  library  the same with each shard written by the safetensors library's save_file (the
+           whole shard in memory first): the baseline.
 Each runs in a child process on one CPU device; the model is loaded first and the peak RSS is
 reset (/proc/self/clear_refs) before the export, so the figure is what the export adds on the
 host, against the largest layer of the output (and the largest tensor).
 
-  python scripts/bench_export.py [--layers 8 --experts 128 --hidden 128 --moe_f 512 --rank 16]
-      [--max_shard_bytes 5368709120] [--baseline_rev 674eb88] [--skip_old]
+  python -m benchmarks.export --layers=8 --experts=128 --hidden=128 --moe_f=512 --rank=16
+  python -m benchmarks.export --layers=48
 
 Checkpoint and exports go under /tmp and are deleted afterwards.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench_load import ROOT, code_at, narrow_config, write_checkpoint
+from absl import app, flags
+
+from benchmarks import common
+
+flags.DEFINE_integer("layers", 8, "decoder layers")
+flags.DEFINE_integer("experts", 128, "experts per layer")
+flags.DEFINE_integer("hidden", 128, "hidden size")
+flags.DEFINE_integer("moe_f", 512, "expert width")
+flags.DEFINE_integer("rank", 16, "shared-core rank of the student")
+flags.DEFINE_integer("max_shard_bytes", 5 * 2**30, "the export's shard cap")
+flags.DEFINE_bool("smoke", False, "2 layers, 8 experts, hidden 64 (a test of the script)")
+flags.DEFINE_string("out", "", "also write the JSON record here")
+F = flags.FLAGS
 
 CHILD = r"""
 import json, sys, time
 import jax.numpy as jnp
-import moedistill
 from moedistill.hub import hf, safetensors_io as st
 from moedistill.model.layers import Runtime
 ckpt, out, mode, shard = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -49,8 +57,7 @@ open("/proc/self/clear_refs", "w").write("5")
 before = status("VmRSS")
 t0 = time.perf_counter()
 hf.save_model(model, out, merged=True, dtype=jnp.bfloat16, max_shard_bytes=shard)
-print(json.dumps({"export_s": time.perf_counter() - t0, "added_rss": status("VmHWM") - before,
-                  "src": moedistill.__file__}))
+print(json.dumps({"export_s": round(time.perf_counter() - t0, 3), "added_rss": status("VmHWM") - before}))
 """
 
 
@@ -71,57 +78,48 @@ def layer_bytes(cfg, itemsize=2) -> tuple[int, int]:
   return max(per_layer.values()), largest
 
 
-def run(src: Path, ckpt: Path, out: Path, mode: str, shard: int) -> dict:
-  env = dict(os.environ, PYTHONPATH=str(src), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+def run(ckpt: Path, out: Path, mode: str, shard: int) -> dict:
   r = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(out), mode, str(shard)],
-                     capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+                     capture_output=True, text=True, env=common.host_rss_child_env(),
+                     cwd=tempfile.gettempdir())
   if r.returncode:
     raise SystemExit(f"{mode} failed: {r.stderr[-2000:]}")
   row = json.loads(r.stdout.strip().splitlines()[-1])
-  assert row["src"].startswith(str(src)), row["src"]
   row["out_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
   shutil.rmtree(out)
   return row
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--layers", type=int, default=8)
-  ap.add_argument("--experts", type=int, default=128)
-  ap.add_argument("--hidden", type=int, default=128)
-  ap.add_argument("--moe_f", type=int, default=512)
-  ap.add_argument("--rank", type=int, default=16)
-  ap.add_argument("--max_shard_bytes", type=int, default=5 * 2**30)
-  ap.add_argument("--baseline_rev", default="674eb88", help="commit of the old export")
-  ap.add_argument("--skip_old", action="store_true", help="(slow at many layers)")
-  a = ap.parse_args()
+def main(argv):
+  del argv
+  if F.smoke:
+    F.layers, F.experts, F.hidden, F.moe_f, F.rank = 2, 8, 64, 32, 4
   from moedistill.model.shared_core import Compression
-  cfg = narrow_config(a)
+  cfg = common.checkpoint_config(F.layers, F.experts, F.hidden, F.moe_f)
   tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
   try:
-    sizes = write_checkpoint(tmp / "ckpt", cfg, Compression(a.rank, a.rank, a.rank),
-                             shard_bytes=16 << 20)
+    sizes = common.write_checkpoint(tmp / "ckpt", cfg, Compression(F.rank, F.rank, F.rank),
+                                    shard_bytes=16 << 20)
     layer, tensor = layer_bytes(cfg)
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     print(f"student {mib(sizes['bytes'])} in {sizes['shards']} shards; merged output: largest "
-          f"layer {mib(layer)}, largest tensor {mib(tensor)}; max_shard_bytes {a.max_shard_bytes}")
-    modes = [("stream", ROOT), ("library", ROOT)]
-    if not a.skip_old:
-      modes.append(("old", code_at(a.baseline_rev, tmp / "old")))
+          f"layer {mib(layer)}, largest tensor {mib(tensor)}; max_shard_bytes "
+          f"{F.max_shard_bytes}", flush=True)
     res = {}
-    for mode, src in modes:
-      r = res[mode] = run(src, tmp / "ckpt", tmp / "out", mode, a.max_shard_bytes)
+    for mode in ("stream", "library"):
+      r = res[mode] = run(tmp / "ckpt", tmp / "out", mode, F.max_shard_bytes)
+      r["added_rss_over_largest_layer"] = round(r["added_rss"] / layer, 2)
       print(f"{mode:>8}: export {r['export_s']:.1f} s, peak RSS added {mib(r['added_rss'])} = "
-            f"{r['added_rss'] / layer:.2f} x largest layer; wrote {mib(r['out_bytes'])}")
-    for mode in res:
-      if mode != "stream":
-        print(f"stream/{mode}: time {res['stream']['export_s'] / res[mode]['export_s']:.3f}x, "
-              f"RSS {res['stream']['added_rss'] / res[mode]['added_rss']:.3f}x")
-    print(json.dumps({"largest_layer": layer, "largest_tensor": tensor, "student": sizes, **res}))
+            f"{r['added_rss'] / layer:.2f} x largest layer; wrote {mib(r['out_bytes'])}",
+            flush=True)
+    res["stream_over_library"] = {
+        "time": round(res["stream"]["export_s"] / res["library"]["export_s"], 3),
+        "rss": round(res["stream"]["added_rss"] / res["library"]["added_rss"], 3)}
+    common.emit("export", {"largest_layer": layer, "largest_tensor": tensor, "student": sizes,
+                           **res}, F.out)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
