@@ -1,21 +1,24 @@
-"""The tokens phase at scale: peak RSS and tokens/s on generated jsonl corpora.
+"""The tokens phase at scale: peak RSS and tokens/s on generated jsonl corpora, against raw
+`tokenizers` batch encoding measured in the same run.
 
-Usage: python scripts/bench_tokens.py [--gb 1,4] [--tokenizer bpe|word] [--dir DIR] [--keep]
+  python -m benchmarks.tokens [--gb=1,4] [--tokenizer=bpe|word] [--dir=DIR] [--keep]
+
 Writes a jsonl corpus of each size under --dir (Zipf-distributed words, documents of 30 to
-1,500 words; a 64 MiB block of distinct lines repeated), makes a tokenizer (`bpe`: byte-level
-BPE, vocab 8,192, trained on a sample, like Qwen's; `word`: one id per word, much faster, so
-the pipeline's own costs show), then measures in the same run:
-  baseline   raw `tokenizers` `encode_batch_fast` over 64 MiB of the corpus's text already in
-             memory (all cores), tokens/s, right before and right after each size's run (the
-             ratio uses their mean);
+1,500 words; a --block_mib block of distinct lines repeated), makes a tokenizer (`bpe`:
+byte-level BPE, vocab 8,192, trained on a sample, like Qwen's; `word`: one id per word, much
+faster, so the pipeline's own costs show), then measures:
+  baseline   raw `tokenizers` `encode_batch_fast` over one block of the corpus's text already
+             in memory (all cores), tokens/s, right before and right after each size's run
+             (the ratio uses their mean: a shared machine's load drifts);
   tokens     `moedistill.data.tokens.build` (the `--phase=tokens` code) over the whole corpus in a
              child process: wall time from the call (after imports), tokens/s (packed tokens
              incl. EOS / wall), the child's peak RSS and CPU time (wait4 rusage of that child).
-Prints JSON with the ratio tokens/s / baseline, the same ratio in CPU seconds per token (all
-threads; less sensitive to other jobs on a shared machine) and each size's peak RSS. Deletes
-the corpora unless --keep.
+Records the ratio tokens/s / baseline, the same ratio in CPU seconds per token (all threads;
+less sensitive to other jobs on a shared machine) and each size's peak RSS. Deletes the
+corpora unless --keep.
 """
-import argparse
+from __future__ import annotations
+
 import json
 import os
 import shutil
@@ -24,14 +27,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from absl import app, flags
 
-ROOT = Path(__file__).resolve().parent.parent
-BLOCK = 64 * 2**20
+from benchmarks import common
+
+flags.DEFINE_list("gb", ["1", "4"], "corpus sizes in GiB")
+flags.DEFINE_string("dir", "/tmp/bench_tokens", "working directory (corpora, tokenizer, stores)")
+flags.DEFINE_bool("keep", False, "keep --dir afterwards")
+flags.DEFINE_enum("tokenizer", "bpe", ["bpe", "word"], "tokenizer to build")
+flags.DEFINE_integer("block_mib", 64, "MiB of distinct lines the corpus repeats (also the "
+                     "baseline's text)")
+flags.DEFINE_bool("smoke", False, "a 1 MiB corpus, word tokenizer (a test of the script)")
+flags.DEFINE_string("out", "", "also write the JSON record here")
+F = flags.FLAGS
 
 CHILD = """
 import sys, time, json
-sys.path.insert(0, {root!r})
 import jax  # loaded at startup by the command too: not part of the phase's time
 from moedistill.data import sources, tokens
 spec = sources.DataSpec(source=({corpus!r},), tokenizer={tok!r}, seq_len=1024)
@@ -55,18 +66,19 @@ print(json.dumps({{"seconds": time.perf_counter() - t0, "rows": meta["rows"],
 """
 
 
-def make_block(seed=0) -> bytes:
+def make_block(size: int, seed=0) -> bytes:
+  import numpy as np
   r = np.random.default_rng(seed)
   letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
   words = ["".join(r.choice(letters, int(r.integers(1, 11)))) for _ in range(50_000)]
   p = 1.0 / np.arange(1, len(words) + 1)
   p /= p.sum()
-  lines, size = [], 0
-  while size < BLOCK:
+  lines, n = [], 0
+  while n < size:
     doc = " ".join(np.asarray(words)[r.choice(len(words), int(r.integers(30, 1500)), p=p)])
     line = json.dumps({"text": doc}) + "\n"
     lines.append(line)
-    size += len(line)
+    n += len(line)
   return "".join(lines).encode()
 
 
@@ -111,9 +123,9 @@ def baseline(block: bytes, tok_dir: Path) -> tuple[float, float]:
 
 
 def run_child(corpus: Path, tok_dir: Path, store: Path) -> dict:
-  code = CHILD.format(root=str(ROOT), corpus=str(corpus), tok=str(tok_dir), store=str(store))
+  code = CHILD.format(corpus=str(corpus), tok=str(tok_dir), store=str(store))
   p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                       cwd=common.REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   out = p.stdout.read()
   _, status, usage = os.wait4(p.pid, 0)
   if status:
@@ -127,41 +139,45 @@ def run_child(corpus: Path, tok_dir: Path, store: Path) -> dict:
   return res
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--gb", default="1,4")
-  ap.add_argument("--dir", default="/tmp/bench_tokens")
-  ap.add_argument("--keep", action="store_true")
-  ap.add_argument("--tokenizer", default="bpe", choices=["bpe", "word"])
-  a = ap.parse_args()
-  work = Path(a.dir)
+def measure(work: Path) -> dict:
+  block = make_block(F.block_mib * 2**20)
+  make_tokenizer(block, work / "tok", F.tokenizer)
+  res = {"cpu_count": os.cpu_count(), "tokenizer": F.tokenizer, "runs": []}
+  for gb in [float(x) for x in F.gb]:
+    corpus = work / f"corpus_{gb:g}gb.jsonl"
+    write_corpus(corpus, gb, block)
+    before = baseline(block, work / "tok")
+    r = run_child(corpus, work / "tok", work / f"store_{gb:g}")
+    after = baseline(block, work / "tok")
+    base, base_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+    r.update(corpus_bytes=corpus.stat().st_size, baseline_tokens_per_s=round(base),
+             baseline_before_after=[round(before[0]), round(after[0])],
+             ratio_to_baseline=round(r["tokens_per_s"] / base, 3),
+             baseline_cpu_s_per_mtok=round(base_cpu, 3),
+             cpu_ratio_to_baseline=round(base_cpu / r["cpu_s_per_mtok"], 3))
+    res["runs"].append(r)
+    corpus.unlink()
+    shutil.rmtree(work / f"store_{gb:g}")
+    print(json.dumps(r), flush=True)
+  return res
+
+
+def main(argv):
+  del argv
+  if F.smoke:
+    F.gb, F.tokenizer, F.block_mib, F.keep = ["0.001"], "word", 1, False
+  work = Path(F.dir)
+  if F.smoke:
+    import tempfile
+    work = Path(tempfile.mkdtemp(prefix="bench_tokens_"))
   work.mkdir(parents=True, exist_ok=True)
   try:
-    block = make_block()
-    make_tokenizer(block, work / "tok", a.tokenizer)
-    res = {"cpu_count": os.cpu_count(), "tokenizer": a.tokenizer, "runs": []}
-    for gb in [float(x) for x in a.gb.split(",")]:
-      corpus = work / f"corpus_{gb:g}gb.jsonl"
-      write_corpus(corpus, gb, block)
-      # right before and right after the run, averaged: this shared machine's load drifts
-      before = baseline(block, work / "tok")
-      r = run_child(corpus, work / "tok", work / f"store_{gb:g}")
-      after = baseline(block, work / "tok")
-      base, base_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
-      r.update(corpus_bytes=corpus.stat().st_size, baseline_tokens_per_s=round(base),
-               baseline_before_after=[round(before[0]), round(after[0])],
-               ratio_to_baseline=round(r["tokens_per_s"] / base, 3),
-               baseline_cpu_s_per_mtok=round(base_cpu, 3),
-               cpu_ratio_to_baseline=round(base_cpu / r["cpu_s_per_mtok"], 3))
-      res["runs"].append(r)
-      corpus.unlink()
-      shutil.rmtree(work / f"store_{gb:g}")
-      print(json.dumps(r), flush=True)
-    print(json.dumps(res, indent=2))
+    res = measure(work)
   finally:
-    if not a.keep:
+    if not F.keep:
       shutil.rmtree(work, ignore_errors=True)
+  common.emit("tokens", res, F.out)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
