@@ -10,7 +10,8 @@ FLOPs count that lowering on one device and on each shard alike; the ratio is wh
 whether the work is divided.
 
   python -m benchmarks.expert_parallel --rows=16 --seq=4096 --backend=capacity
-  python -m benchmarks.expert_parallel --rows=16 --seq=4096 --backend=sorted --ep_capacity_factor=1.25
+  python -m benchmarks.expert_parallel --rows=16 --seq=4096 --backend=sorted \
+      --ep_capacity_factor=1.25
 
 --run: wall time instead, of the layer's forward+backward really executed (random weights and
 inputs, even-ish routing) at narrower widths (--hidden, --moe_intermediate; 128 experts top-8),

@@ -57,7 +57,8 @@ open("/proc/self/clear_refs", "w").write("5")
 before = status("VmRSS")
 t0 = time.perf_counter()
 hf.save_model(model, out, merged=True, dtype=jnp.bfloat16, max_shard_bytes=shard)
-print(json.dumps({"export_s": round(time.perf_counter() - t0, 3), "added_rss": status("VmHWM") - before}))
+print(json.dumps({"export_s": round(time.perf_counter() - t0, 3),
+                  "added_rss": status("VmHWM") - before}))
 """
 
 

@@ -97,7 +97,7 @@ def get_config(arg: str = ""):
                                        # blocked | cudnn | pallas
   c.model.attention_block = 512        # query/key block of blocked attention (memory ~ block^2)
   c.model.scan_layers = False          # lax.scan over identical decoder layers instead of an
-                                       # unrolled loop (same param paths; see bench_compile.py)
+                                       # unrolled loop (same param paths; see benchmarks/compile.py)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1 = fill
 

@@ -6,7 +6,7 @@ A mapping keeps every page it touched resident, so `close()` drops it once a cal
 with a tensor: host memory then follows what is being read, not the file. Never pickle.
 Writes: `write` is the library's save_file (all of a file's tensors at once); `StreamWriter`
 writes the same format one tensor at a time, for exports whose shards outsize host memory
-(scripts/bench_export.py measures the two).
+(benchmarks/export.py measures the two).
 """
 from __future__ import annotations
 

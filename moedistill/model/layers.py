@@ -26,7 +26,7 @@ class Runtime:
   remat: str = "none"  # a REMAT_POLICIES key: what each decoder layer saves for the backward
   attention: str = "auto"  # auto | plain | blocked | cudnn (moedistill.model.attention)
   attention_block: int = 512  # query and key block of blocked attention; auto blocks longer rows
-  scan_layers: bool = False  # one layer body scanned over stacked params (see bench_compile.py)
+  scan_layers: bool = False  # one layer body scanned over stacked params (benchmarks/compile.py)
 
 
 # Activation memory vs recompute, per decoder layer (jax.checkpoint policies):
