@@ -135,3 +135,13 @@ def host_rss_child_env() -> dict:
   moedistill, one CPU device, no forced device count inherited."""
   return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="",
               PYTHONWARNINGS="ignore")
+
+
+def demo_config(arg: str = ""):
+  """configs/two_stage.py's ConfigDict (`arg`: its variant, e.g. 'qwen3_30b_a3b'), to override
+  and pass to moedistill.config.job_from_config."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("two_stage", REPO / "configs" / "two_stage.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)

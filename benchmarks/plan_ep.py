@@ -21,7 +21,6 @@ loss. The baseline of each mesh is one device's step in the same run (x ideal).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -61,11 +60,7 @@ def teacher_dir(layers: int, root: Path) -> Path:
 def job(teacher: Path, shape):
   """The `qwen3_30b_a3b` preset with this benchmark's overrides, as plan's flags would set."""
   from moedistill.config import job_from_config
-  spec = importlib.util.spec_from_file_location("two_stage",
-                                                common.REPO / "configs" / "two_stage.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("qwen3_30b_a3b")
+  c = common.demo_config("qwen3_30b_a3b")
   c.teacher = str(teacher)
   c.cache.rows_per_chunk, c.cache.chunks_per_step = F.rows, 1
   c.model.scan_layers, c.train.micro_batches, c.train.batch_size = False, 1, F.rows
