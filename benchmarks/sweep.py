@@ -30,8 +30,8 @@ flags.DEFINE_integer("points", 4, "alpha values in 0.3..0.9")
 flags.DEFINE_integer("steps", 40, "steps in each of the two stages")
 flags.DEFINE_integer("batch", 16, "rows per step")
 flags.DEFINE_list("modes", ["off", "on"], "values of --sweep.batched to time")
-flags.DEFINE_bool("smoke", False, "2 points of 2 + 2 steps on a 32-row cache of 32 tokens "
-                  "built in a temporary directory (a test of the script)")
+flags.DEFINE_bool("smoke", False, "2 points of 2 steps of stage `all` on a 32-row cache of 32 "
+                  "tokens built in a temporary directory (a test of the script)")
 flags.DEFINE_string("out", "", "also write the JSON record here")
 F = flags.FLAGS
 
@@ -43,6 +43,7 @@ DEMO = common.REPO / "runs" / "two_stage"
 # Smoke: few short rows, no generation metric.
 SMALL = ("--config.data.seq_len=32", "--config.data.train.max_rows=32",
          "--config.data.eval.max_rows=8", "--config.report.gen_prompts=0")
+ONE_STAGE = ("--config.stage_order=all",)  # smoke: one train step program to compile, not two
 
 
 def cli(module: str, *args: str) -> list[str]:
@@ -62,7 +63,7 @@ def base(root: Path) -> tuple[Path, tuple[str, ...]]:
   for cmd in (cli("moedistill.cache_logits", f"--config.workdir={d}", *SMALL),
               cli("moedistill.compress", f"--config.workdir={d}", *SMALL)):
     subprocess.run(cmd, cwd=common.REPO, check=True, stdout=subprocess.DEVNULL)
-  return d, SMALL
+  return d, SMALL + ONE_STAGE
 
 
 def run_mode(mode: str, alphas: list[str], root: Path, src: Path, extra: tuple[str, ...]):
@@ -89,19 +90,21 @@ def main(argv):
   del argv
   if F.smoke:
     F.points, F.steps, F.batch = 2, 2, 4
+  stages = 1 if F.smoke else 2
   alphas = [f"{0.3 + 0.6 * i / max(F.points - 1, 1):.2f}" for i in range(F.points)]
   with tempfile.TemporaryDirectory() as tmp:
     root = Path(tmp) if F.smoke else common.REPO / "runs" / "bench_sweep"
     src, extra = base(Path(tmp))
     runs = {m: run_mode(m, alphas, root, src, extra) for m in F.modes}
-  print(f"points={F.points} (alpha {','.join(alphas)}) steps={F.steps}+{F.steps} "
+  print(f"points={F.points} (alpha {','.join(alphas)}) steps={F.steps} x {stages} stages "
         f"batch={F.batch} rows")
-  res = {"points": F.points, "alphas": alphas, "steps": F.steps, "batch": F.batch, "modes": {}}
+  res = {"points": F.points, "alphas": alphas, "steps": F.steps, "stages": stages,
+         "batch": F.batch, "modes": {}}
   for m, (wall, rss, _) in runs.items():
     res["modes"][m] = {"wall_s": round(wall, 1), "peak_rss_gib": round(rss, 2),
-                       "point_steps_per_s": round(F.points * 2 * F.steps / wall, 2)}
+                       "point_steps_per_s": round(F.points * stages * F.steps / wall, 2)}
     print(f"sweep --sweep.batched={m:<4} {wall:7.1f} s  "
-          f"{F.points * 2 * F.steps / wall:6.2f} point-steps/s  peak RSS {rss:.2f} GiB")
+          f"{F.points * stages * F.steps / wall:6.2f} point-steps/s  peak RSS {rss:.2f} GiB")
   if {"off", "on"} <= set(runs):
     (seq, _, p_seq), (bat, _, p_bat) = runs["off"], runs["on"]
     res["batched_speed_over_sequential"] = round(seq / bat, 2)
