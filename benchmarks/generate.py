@@ -24,7 +24,7 @@ flags.DEFINE_integer("new", 64, "new tokens per row")
 flags.DEFINE_integer("repeats", 5, "timed calls per batch size (the best one counts)")
 flags.DEFINE_bool("transformers", True, "also time transformers' generate and compare tokens")
 flags.DEFINE_bool("smoke", False, "batch 2, 4 new tokens, one timed call, decode alone (a "
-                  "test of the script; tests/test_generate.py checks the tokens against "
+                  "test of the script; tests/model/test_generate.py checks the tokens against "
                   "transformers)")
 flags.DEFINE_string("out", "", "also write the JSON record here")
 F = flags.FLAGS

@@ -76,7 +76,7 @@ def plot_losses(workdir: Path):
   # matplotlib keeps its font cache in MPLCONFIGDIR, else under the home directory. A user's
   # setting wins; otherwise one directory per user in the temp directory (kept between runs,
   # so the cache is built once): a run writes only its workdir, its cache and temporary
-  # files (tests/test_safety.py), and the workdir holds only the run's own outputs.
+  # files (tests/commands/test_safety.py), and the workdir holds only the run's own outputs.
   if "MPLCONFIGDIR" not in os.environ:
     d = Path(tempfile.gettempdir(), f"moedistill-matplotlib-{os.getuid()}")
     try:

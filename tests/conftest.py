@@ -5,8 +5,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# One persistent XLA compilation cache for the whole session: the suite compiles the same tiny
+# programs in many tests and CLI subprocesses (they inherit the variables), and a cached
+# executable is the one XLA would build. Made by the first process to load this file (the
+# xdist controller, whose workers inherit it) and removed by that process at the end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moedistill-tests-xla-")
+  os.environ["MOEDISTILL_TESTS_OWN_XLA_CACHE"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if os.environ.get("MOEDISTILL_TESTS_OWN_XLA_CACHE") == str(os.getpid()):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 TINY_HF = dict(vocab_size=101, hidden_size=32, intermediate_size=48, moe_intermediate_size=20,
                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
@@ -120,3 +137,15 @@ def run_cli(module, *args, env=None, timeout=600):
   e = dict(os.environ, **(env or {}))
   return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
                         text=True, env=e, timeout=timeout)
+
+
+def free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def snapshot(root):
+  """Every file under `root` and its bytes (to show that nothing written was changed)."""
+  return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

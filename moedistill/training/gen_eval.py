@@ -247,7 +247,7 @@ def load_plain(path, runtime, mesh):
   Qwen3-MoE (W_e = core + A_e B_e, hf.save_model(merged=True) into a temporary directory, as
   `train` writes the export), so that teacher and students of one config share one compiled
   decode program. The merged model computes the same function up to float rounding
-  (tests/test_generate.py: native and merged students decode the same greedy tokens).
+  (tests/model/test_generate.py: native and merged students decode the same greedy tokens).
   With several processes the native model is kept (a temporary directory is per host)."""
   import jax
 

@@ -196,7 +196,7 @@ def test_command_on_a_sharded_mesh_gives_the_single_device_tokens(tmp_path, teac
   """4 forced CPU devices, fsdp=2 x expert=2: params sharded, the batch split over 4 shards,
   the MoE layers in expert parallelism (shard_map, all-to-all), the same greedy tokens."""
   (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-  config = Path(__file__).parent.parent / "configs" / "two_stage.py"
+  config = Path(__file__).resolve().parents[2] / "configs" / "two_stage.py"
   r = run_cli("moedistill.generate", f"--config={config}", "--config.mesh.fsdp=2",
               "--config.mesh.expert=2", f"--config.workdir={tmp_path / 'run'}",
               f"--checkpoint={TEACHER}", f"--prompts={tmp_path / 'p.jsonl'}",

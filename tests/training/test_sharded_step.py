@@ -12,7 +12,7 @@ SPECS = ["1,1,1,1:1:0.01", "8,1,1,1:1:0.01", "2,4,1,1:1:0.01", "2,1,2,2:1:0.01",
 
 
 def test_meshes_and_micro_batches_match_one_device():
-  script = pathlib.Path(__file__).parent / "sharded_step_check.py"
+  script = pathlib.Path(__file__).resolve().parents[1] / "sharded_step_check.py"
   r = subprocess.run([sys.executable, str(script), *SPECS], capture_output=True, text=True,
                      timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]

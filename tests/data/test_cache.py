@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import job_config, run_cli, write_config_file
+from conftest import free_port, job_config, run_cli, write_config_file
 from moedistill.cache_logits import build_cache
 from moedistill.config import job_from_config
 from moedistill.data import cache
@@ -126,13 +126,6 @@ def test_kill_and_resume_identical(tmp_path, teacher_dir):
   assert meta["complete"]
   for n in NAMES[:-1]:
     np.testing.assert_array_equal(got[n], ref[n], err_msg=n)
-
-
-def free_port():
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def run_two_processes(module, cfg, *args, timeout=300):

@@ -127,8 +127,7 @@ def test_teacher_hash_sees_the_weights_and_student_init_another_teacher(tmp_path
 
 def test_hub_dataset_fingerprint_includes_its_revision():
   from moedistill.data.sources import DataSpec, fingerprint
-  import conftest  # noqa: F401 - a tokenizer directory is needed for the hash
-  tok = Path(__file__).parent.parent / "moedistill" / "assets" / "tiny_teacher"
+  tok = Path(__file__).resolve().parents[2] / "moedistill" / "assets" / "tiny_teacher"
   a = DataSpec(("org/data",), str(tok), 16, revision="main")
   b = DataSpec(("org/data",), str(tok), 16, revision="0123abc")
   assert fingerprint(a, None) != fingerprint(b, None)

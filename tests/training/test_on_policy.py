@@ -20,7 +20,7 @@ NEW = 8  # max_new_tokens: prompts get 16 - 8 slots
 def _stage(steps, groups, **kw):
   import importlib.util
   spec = importlib.util.spec_from_file_location(
-      "two_stage", Path(__file__).parent.parent / "configs" / "two_stage.py")
+      "two_stage", Path(__file__).resolve().parents[2] / "configs" / "two_stage.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod._stage(steps, groups, **kw)

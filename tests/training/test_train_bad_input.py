@@ -2,8 +2,7 @@
 written; a non-finite loss stops at the step it happened and keeps the good checkpoints."""
 import pytest
 
-from conftest import job_config, run_cli, write_config_file
-from test_cache_bad_input import snapshot
+from conftest import job_config, run_cli, snapshot, write_config_file
 
 CASES = {
     "alpha_above_one": ({"train.alpha": 1.5}, "config.train.alpha=1.5"),

@@ -20,7 +20,7 @@ RUNS = {"pallas": ["--config.model.moe_backend=pallas", "--config.model.attentio
 
 
 def _first_metrics(workdir, extra):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   r = subprocess.run([sys.executable, "-m", "moedistill.train", *COMMON, *extra,
                       f"--config.workdir={workdir}"], cwd=root, capture_output=True, text=True,
                      timeout=3600, env=dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1"))

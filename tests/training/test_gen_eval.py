@@ -9,7 +9,7 @@ import pytest
 from moedistill.data import corpus
 from moedistill.training import gen_eval as G
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TEACHER = REPO / "moedistill" / "assets" / "tiny_teacher"
 CORPUS = REPO / "moedistill" / "assets" / "corpus"
 EOS = "<eos>"

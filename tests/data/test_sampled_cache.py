@@ -110,7 +110,7 @@ def test_sampler_frequencies_match_teacher():
 
 def _oracle(torch_model, tokens_l, segs_l):
   """float64 teacher logits [L, V] of a cached row, each packed document alone (NaN on
-  padding), as tests/test_cache.py's oracle."""
+  padding), as tests/data/test_cache.py's oracle."""
   import torch
   out = None
   for s in np.unique(segs_l):
@@ -345,8 +345,6 @@ def test_train_and_report_on_a_sampled_cache(tmp_path):
 def test_plan_accepts_a_sampled_cache():
   """plan compiles the sampled cache's forward (with its uniforms) and the eval program on
   its batches (exact_k + samples float32 weights)."""
-  import json
-
   from conftest import run_cli
   r = run_cli("moedistill.plan", "--devices=8", "--config=configs/two_stage.py",
               "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.data.seq_len=32",

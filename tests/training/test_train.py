@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import job_config, write_config_file
-from test_cache_bad_input import snapshot
+from conftest import job_config, snapshot, write_config_file
 from moedistill.config import job_from_config
 from moedistill.hub import safetensors_io as st
 from moedistill.train import train

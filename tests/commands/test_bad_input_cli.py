@@ -2,8 +2,7 @@
 exit 2, no traceback, no file changed (cache_logits and train: their own test files)."""
 import pytest
 
-from conftest import job_config, make_hf_checkpoint, run_cli, write_config_file
-from test_cache_bad_input import snapshot
+from conftest import job_config, make_hf_checkpoint, run_cli, snapshot, write_config_file
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def test_two_process_export_equals_one_process(tmp_path, teacher_dir):
   every param and the export gathers one at a time) writes what one process writes; a
   non-float --dtype is one line, exit 2, nothing written."""
   from conftest import job_config, run_cli, write_config_file
-  from test_cache import free_port
+  from conftest import free_port
   teacher, _ = teacher_dir
   student = tmp_path / "student"
   subprocess.run([sys.executable, "-m", "moedistill.compress", f"--teacher={teacher}",

@@ -226,7 +226,7 @@ def test_expert_parallel_lowers_for_cuda():
   """Under shard_map the kernels' operands and outputs carry the manual axes' types: the
   expert-parallel block lowers for CUDA (6 grouped matmuls forward, 2 kernels each backward)."""
   r = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=900,
-                     env=dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parent.parent)))
+                     env=dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2])))
   assert r.returncode == 0, r.stderr[-4000:]
   assert r.stdout.strip().splitlines()[-1] == "18"
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import job_config, make_hf_checkpoint, make_tokenizer, write_config_file
+from conftest import free_port, job_config, make_hf_checkpoint, make_tokenizer, write_config_file
 from moedistill.training.checkpoint import Checkpoints
-from test_cache import free_port
 from test_train import tensors
 
 STEPS = 6  # per stage

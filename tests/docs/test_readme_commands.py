@@ -8,7 +8,7 @@
   /models/Qwen3-30B-A3B) becomes a directory holding Qwen3-30B-A3B's real config.json.
   `moedistill.plan` is not run here: at that size it compiles for minutes on 2 cores (the
   teacher-cache forward alone took 116 s), beyond this suite's budget.
-  The demo command does real work in tests/test_demo.py (same command and config, fewer rows
+  The demo command does real work in tests/commands/test_demo.py (same command and config, fewer rows
   and steps); `bash scripts/test.sh` is this suite; installs and downloads (venv, pip, hf) are
   not run. Any other command fails the test until it is classified here.
 - Inline `--config.<field>=<value>` examples in the prose (but Troubleshooting's refusals):
@@ -16,6 +16,7 @@
 - The commands table: one row per command module, and every flag a row names is defined.
 - The parameter-group examples (python block): each is a valid `groups` for the demo student.
 """
+import functools
 import os
 import re
 import shlex
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 DOCS = {p.name: p.read_text() for p in sorted((REPO / "docs").glob("*.md"))}
 TEXT = "\n".join([README, *DOCS.values()])
@@ -34,7 +35,7 @@ BLOCKS = re.findall(r"```(\w*)\n(.*?)```", TEXT, re.S)
 PROSE = re.sub(r"```.*?```", "", "\n".join(
     [README, *(t for n, t in DOCS.items() if n != "troubleshooting.md")]), flags=re.S)
 NOT_RUN = {"setup": "installs or downloads", "suite": "this test suite",
-           "demo": "tests/test_demo.py runs it"}
+           "demo": "tests/commands/test_demo.py runs it"}
 
 
 def shell_commands():
@@ -129,10 +130,13 @@ def test_prose_overrides_parse(tmp_path):
     assert r.returncode == 0, f"{group}\n{r.stderr[-3000:]}"
 
 
-def help_text(module: str) -> str:
+@functools.cache
+def help_text(module: str = "", script: str = "") -> str:
+  """`--helpfull` of a module (or `--help` of a script), once per module for the file."""
   env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", module, "--helpfull"], capture_output=True,
-                     text=True, env=env, timeout=300, cwd=REPO)
+  argv = ["-m", module, "--helpfull"] if module else [script, "--help"]
+  r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env,
+                     timeout=300, cwd=REPO)
   return r.stdout + r.stderr
 
 
@@ -202,11 +206,7 @@ def test_inline_command_names_real_flags(cmd):
     assert (REPO / script).is_file(), f"{script} does not exist"
   if not names or (script and script.endswith(".sh")):
     return
-  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-  argv = ["-m", module, "--helpfull"] if module else [script, "--help"]
-  r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env,
-                     timeout=300, cwd=REPO)
-  text = r.stdout + r.stderr
+  text = help_text(module or "", script or "")
   for name in names:
     if name.startswith("config.") or name in ("config", "xla_force_host_platform_device_count"):
       continue

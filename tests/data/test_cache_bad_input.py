@@ -3,11 +3,7 @@ import json
 
 import pytest
 
-from conftest import job_config, make_tokenizer, run_cli, write_config_file
-
-
-def snapshot(root):
-  return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from conftest import job_config, make_tokenizer, run_cli, snapshot, write_config_file
 
 
 def _case(tmp_path, teacher, name):

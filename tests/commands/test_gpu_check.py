@@ -6,7 +6,7 @@ import os
 import pathlib
 import subprocess
 
-ROOT = pathlib.Path(__file__).parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(*args):

@@ -6,7 +6,7 @@ and the capacity backends; a whole train step on (2,1,4,1); bad layouts refused 
 the dropless `sorted` path's run-time skip of the empty receive tiles (gmm.tiled_matmul_live)
 against a plain dense product, value and gradients.
 
-The device work runs in a child process (`python tests/test_expert_parallel.py CASE...`) so the
+The device work runs in a child process (`python tests/model/test_expert_parallel.py CASE...`) so the
 8 forced devices never leak into other tests; it prints one JSON line of max differences.
 """
 import json
@@ -266,7 +266,7 @@ if __name__ == "__main__":
 def _run(*specs):
   r = subprocess.run([sys.executable, __file__, *specs], capture_output=True, text=True,
                      timeout=1200, env=dict(os.environ, PYTHONPATH=str(
-                         pathlib.Path(__file__).parent.parent)))
+                         pathlib.Path(__file__).resolve().parents[2])))
   assert r.returncode == 0, r.stderr[-4000:]
   return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -342,7 +342,7 @@ def test_config_ep_capacity_factor_below_one_refused():
   from moedistill.config import job_from_config
   from moedistill.errors import ConfigError
   spec = importlib.util.spec_from_file_location(
-      "two_stage", pathlib.Path(__file__).parent.parent / "configs" / "two_stage.py")
+      "two_stage", pathlib.Path(__file__).resolve().parents[2] / "configs" / "two_stage.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()

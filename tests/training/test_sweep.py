@@ -36,8 +36,6 @@ def teacher(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["bucket", "renormalize", "teacher_only"])
 def test_topk_prime_equals_a_smaller_cache(teacher, mode):
-  from flax import nnx
-
   from moedistill.cache_logits import build_cache
   from moedistill.data.cache import CacheReader
   from moedistill.hub import hf

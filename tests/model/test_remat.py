@@ -72,7 +72,7 @@ def _one_step(remat, micro):
 
 def test_micro_batches_with_each_policy_match_one_batch_without_remat():
   ref_m, ref_p = _one_step("none", 1)
-  for remat in POLICIES[1:]:  # none with micro-batches: tests/test_sharded_step.py
+  for remat in POLICIES[1:]:  # none with micro-batches: tests/training/test_sharded_step.py
     m, p = _one_step(remat, 4)
     for key in ("loss", "kl", "grad_norm"):
       np.testing.assert_allclose(m[key], ref_m[key], rtol=1e-5, err_msg=f"{remat} {key}")
@@ -138,7 +138,7 @@ def test_policies_on_sharded_meshes_match_one_device():
   import subprocess
   import sys
   specs = ["2,4,1,1:dots:blocked:scan", "2,1,2,2:full:blocked:loop", "1,2,2,2:none:plain:scan"]
-  script = pathlib.Path(__file__).parent / "memory_policies_check.py"
+  script = pathlib.Path(__file__).resolve().parents[1] / "memory_policies_check.py"
   r = subprocess.run([sys.executable, str(script), *specs], capture_output=True, text=True,
                      timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
