@@ -30,7 +30,7 @@ from absl import app, flags
 from benchmarks import common
 
 MESHES = {"one device": (1, 1, 1, 1), "data=8": (8, 1, 1, 1), "fsdp=8": (1, 8, 1, 1),
-          "expert=8": (1, 1, 8, 1), "data=2,expert=4": (2, 1, 4, 1)}
+          "expert=8": (1, 1, 8, 1), "data=2+expert=4": (2, 1, 4, 1)}
 GiB = 2**30
 
 flags.DEFINE_enum("backend", "capacity", ["capacity", "sorted", "ragged"], "MoE backend")
@@ -90,6 +90,9 @@ def main(argv):
   if F.smoke:
     F.rows, F.seq, F.layers, F.meshes = 8, 32, 2, ["expert=8"]
     F.program, F.backend = "cache_forward", "sorted"
+  unknown = [m for m in F.meshes if m not in MESHES or m == "one device"]
+  if unknown:
+    raise app.UsageError(f"--meshes: {unknown[0]!r} is none of {list(MESHES)[1:]}")
   common.force_cpu_devices(8)
   half = F.layers // 2
   res = {"program": F.program, "layers": F.layers, "rows": F.rows, "seq": F.seq,
