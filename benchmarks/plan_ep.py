@@ -93,6 +93,9 @@ def main(argv):
   unknown = [m for m in F.meshes if m not in MESHES or m == "one device"]
   if unknown:
     raise app.UsageError(f"--meshes: {unknown[0]!r} is none of {list(MESHES)[1:]}")
+  if F.program == "cache_forward" and F.backend == "capacity":
+    raise app.UsageError("--program=cache_forward: the teacher cache needs a dropless "
+                         "backend, --backend=sorted or ragged")
   common.force_cpu_devices(8)
   half = F.layers // 2
   res = {"program": F.program, "layers": F.layers, "rows": F.rows, "seq": F.seq,
