@@ -144,7 +144,7 @@ def get_config(arg: str = ""):
   c.stages.wrappers = _stage(120, [(".*wrapper.*", 1.0), (".*", 0.0)])
   c.stages.all = _stage(120, [(".*embed.*", 0.0), (".*", 1.0)], lr=1e-3)
 
-  if arg == "qwen3_30b_a3b":
+  if arg in ("qwen3_30b_a3b", "qwen3_30b_a3b_on_policy"):
     # Sized for one 8x80 GB node by `python -m moedistill.plan` (README "Measured").
     c.teacher = "Qwen3-30B-A3B"        # set to the local directory of the hub checkpoint
     c.data.seq_len = 4096
@@ -167,6 +167,16 @@ def get_config(arg: str = ""):
     c.stages.wrappers.steps = 2000
     c.stages.all.steps = 8000
     c.stages.all.lr = 2e-5
+    if arg == "qwen3_30b_a3b_on_policy":
+      # then an on-policy stage: 512 new tokens after prompts cut inside the 4096-token rows,
+      # reverse KL to the online teacher. 48 rows per step, not 64: the student's decode of a
+      # step's rows is not micro-batched, its temporaries grow ~5.7 GiB per row per device
+      # (plan: 84.7 GiB per device at 64 rows, 73.3 at 48; docs/on_policy.md "plan")
+      c.train.batch_size = 48
+      c.train.micro_batches = 6          # still 1 row per device per micro-batch
+      c.stage_order = "wrappers,all,on_policy"
+      c.stages.on_policy = _stage(1000, [(".*embed.*", 0.0), (".*", 1.0)], lr=1e-5,
+                                  kind="on_policy", max_new_tokens=512)
   elif arg == "on_policy":
     # The demo's two offline stages, then 30 on-policy steps: the student continues cache
     # rows cut at random points and minimises the reverse KL to the online teacher on its own
@@ -179,5 +189,5 @@ def get_config(arg: str = ""):
                                 warmup_steps=3, kind="on_policy", max_new_tokens=32)
   elif arg:
     raise ValueError(f"configs/two_stage.py:{arg}: unknown variant, expected '', "
-                     "'qwen3_30b_a3b' or 'on_policy'")
+                     "'qwen3_30b_a3b', 'qwen3_30b_a3b_on_policy' or 'on_policy'")
   return c

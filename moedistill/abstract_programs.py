@@ -111,13 +111,17 @@ def compress_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Pro
 def train_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Program]:
   """Each stage's train step: trainable params, frozen params, Adam state, one global batch;
   with train.teacher_mode=online also the teacher's params (an input of the step, so both
-  models are resident and counted in its argument bytes)."""
-  from moedistill.training.trainer import jit_train_step, step_config
+  models are resident and counted in its argument bytes); with an on-policy stage in the job
+  the teacher counted resident beside the offline steps."""
+  from moedistill.training.trainer import jit_train_step, needs_teacher, step_config
   graphdef, template, params = abstract_model(cfg, rt, Compression(*job.ranks), mesh)
-  teacher_def, teacher = None, {}
+  teacher_def, teacher, t_resident = None, {}, 0
   if job.train.teacher_mode == "online":
     t_graphdef, t_template, teacher = abstract_model(cfg, rt, None, mesh)
     teacher_def = (t_graphdef, t_template)
+  elif needs_teacher(job):  # an on-policy stage: train loads the teacher for the whole run,
+    # so it stays resident beside every offline step (of any stage), not an input of them
+    t_resident = device_bytes(abstract_model(cfg, rt, None, mesh)[2])
   shapes = {k: v.shape for k, v in params.items()}
   c = job.cache
   batch = batch_specs(mesh, job.train.batch_size, job.train_data.seq_len,
@@ -143,7 +147,8 @@ def train_programs(job: Job, cfg: ModelConfig, rt: Runtime, mesh) -> list[Progra
     # params: the student's and, online, the teacher's (both resident during the step)
     out.append(Program(f"train_{stage.name}",
                        lambda fn=fn, tr=tr, fr=fr, opt=opt: lower(fn, tr, fr, opt, *args),
-                       device_bytes(params) + device_bytes(teacher), device_bytes(opt)))
+                       device_bytes(params) + device_bytes(teacher), device_bytes(opt),
+                       resident=t_resident))
   return out
 
 
