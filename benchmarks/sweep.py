@@ -10,7 +10,7 @@ mode in a fresh workdir under runs/bench_sweep/<mode> sharing the cache and stud
 each mode's wall seconds (the whole command: start-up, held-out evaluation of teacher and
 zero-shot student, training, exports, per-point evaluation), the ratio, peak RSS, and how far
 the batched points' held-out figures are from the sequential ones. `--smoke` builds its own
-small cache and student in a temporary directory first (not timed).
+small cache and student in a temporary directory first (not timed) and runs the batched mode.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ flags.DEFINE_integer("points", 4, "alpha values in 0.3..0.9")
 flags.DEFINE_integer("steps", 40, "steps in each of the two stages")
 flags.DEFINE_integer("batch", 16, "rows per step")
 flags.DEFINE_list("modes", ["off", "on"], "values of --sweep.batched to time")
-flags.DEFINE_bool("smoke", False, "2 points of 2 steps of stage `all` on a 32-row cache of 32 "
-                  "tokens built in a temporary directory (a test of the script)")
+flags.DEFINE_bool("smoke", False, "2 points of 2 steps of stage `all`, batched, on a 32-row "
+                  "cache of 32 tokens built in a temporary directory (a test of the script)")
 flags.DEFINE_string("out", "", "also write the JSON record here")
 F = flags.FLAGS
 
@@ -88,8 +88,8 @@ def run_mode(mode: str, alphas: list[str], root: Path, src: Path, extra: tuple[s
 
 def main(argv):
   del argv
-  if F.smoke:
-    F.points, F.steps, F.batch = 2, 2, 4
+  if F.smoke:  # the batched mode only: the sequential one is the plain train path, run by tests
+    F.points, F.steps, F.batch, F.modes = 2, 2, 4, ["on"]
   stages = 1 if F.smoke else 2
   alphas = [f"{0.3 + 0.6 * i / max(F.points - 1, 1):.2f}" for i in range(F.points)]
   with tempfile.TemporaryDirectory() as tmp:

@@ -5,9 +5,7 @@ its checkpoint, its train.jsonl for distillation and its heldout.jsonl for evalu
       --config.workdir=runs/qpb/top64 --config.cache.k=64
 
 The part after ':' is the teacher script's --out directory (default runs/real_vocab_teacher).
-The cache/train fields of issue 23 (cache.format, cache.mode, cache.samples, cache.exact_k,
-train.teacher_mode) are added with their defaults where two_stage.py does not declare them, so
-they can be overridden on the command line. scripts/bench_quality_per_byte.py drives it.
+benchmarks/quality_per_byte.py drives it.
 """
 import importlib.util
 from pathlib import Path
@@ -40,11 +38,4 @@ def get_config(arg: str = ""):
   c.train.log_every = 5
   c.stages.wrappers.steps = 40
   c.stages.all.steps = 40
-  with c.unlocked():
-    for key, default in (("format", "plain"), ("mode", "topk"), ("samples", 0),
-                         ("exact_k", 0)):
-      if key not in c.cache:
-        c.cache[key] = default
-    if "teacher_mode" not in c.train:
-      c.train.teacher_mode = "cache"
   return c

@@ -6,7 +6,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -19,6 +21,30 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moedistill-tests-xla-")
   os.environ["MOEDISTILL_TESTS_OWN_XLA_CACHE"] = str(os.getpid())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
+
+
+# The longest files (minutes each with --durations on 2 cores), started first so that the two
+# workers finish together instead of one running the rehearsal alone at the end.
+LONGEST_FIRST = ("commands/test_rehearsal.py", "docs/test_benchmarks.py", "training/test_sweep.py",
+                 "training/test_on_policy.py", "commands/test_plan.py", "model/test_remat.py",
+                 "model/test_pallas_train.py", "training/test_multihost.py",
+                 "commands/test_first_hour.py", "data/test_data_safety.py",
+                 "data/test_sampled_cache.py", "model/test_expert_parallel.py",
+                 "training/test_train.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  def rank(item):
+    path = item.path.as_posix()
+    return next((i for i, f in enumerate(LONGEST_FIRST) if path.endswith("tests/" + f)),
+                len(LONGEST_FIRST))
+  items.sort(key=rank)  # stable: each file's own order is kept
+
+
+# Test modules share helpers across groups (`from test_train import small`): every group folder
+# is importable by module name, also when one file runs alone.
+sys.path[:0] = [str(d) for d in sorted(Path(__file__).parent.iterdir())
+                if d.is_dir() and not d.name.startswith(("_", "."))]
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import job_config, make_hf_checkpoint, make_tokenizer, run_cli, write_config_file
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = sorted(p.stem for p in (REPO / "moedistill").glob("*.py")
                   if 'if __name__ == "__main__":' in p.read_text())

@@ -18,6 +18,8 @@ from moedistill.model import ModelConfig, qwen3_30b_a3b
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 from moedistill.model.shared_core import Compression
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 
 def _tokens(cfg, seed=0):
   return jnp.asarray(np.random.RandomState(seed).randint(0, cfg.vocab_size, (2, 14)))

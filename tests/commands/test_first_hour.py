@@ -26,6 +26,8 @@ import pytest
 from conftest import job_config, make_corpus, make_hf_checkpoint, make_tokenizer, \
     write_config_file
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 ROOT = Path(__file__).resolve().parents[2]
 # Every module with a `__main__` block is a command (a new one is covered without an edit here).
 COMMANDS = sorted(p.stem for p in (ROOT / "moedistill").glob("*.py")

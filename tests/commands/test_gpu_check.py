@@ -6,6 +6,10 @@ import os
 import pathlib
 import subprocess
 
+import pytest
+
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import job_config, run_cli, write_config_file
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 FSDP8 = ("--devices=8", "--config=configs/two_stage.py", "--config.mesh.data=1",
          "--config.mesh.fsdp=8", "--config.data.seq_len=32")
 ALL = {"cache_forward", "compress_gate", "compress_up", "compress_down", "train_wrappers",

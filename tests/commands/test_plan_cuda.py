@@ -5,6 +5,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

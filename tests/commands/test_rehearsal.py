@@ -14,6 +14,8 @@ import pytest
 
 from conftest import job_config, make_tokenizer, write_config_file
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 QWEN3_30B_STRUCTURE = dict(
     vocab_size=151936, num_hidden_layers=48, num_experts=128, num_experts_per_tok=8,
     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,

@@ -13,6 +13,8 @@ from conftest import job_config, make_hf_checkpoint, make_tokenizer, run_cli, wr
 from moedistill.errors import CheckpointFileError
 from moedistill.hub import hf
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 
 def test_pickle_checkpoint_is_refused(tmp_path):
   import torch

@@ -15,6 +15,8 @@ from moedistill.data import cache
 from moedistill.data.loader import Loader, Order
 from moedistill.errors import UserError
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 NAMES = ("tokens", "segment_ids", "topk_idx", "topk_logit", "lse", "done")
 
 

@@ -15,6 +15,8 @@ from moedistill.model.config import ModelConfig
 from moedistill.model.layers import Runtime
 from moedistill.model.qwen3_moe import Qwen3MoeForCausalLM
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 
 def test_cache_and_evaluate_refuse_capacity_and_the_cache_records_it(tmp_path, teacher_dir):
   path, _ = teacher_dir

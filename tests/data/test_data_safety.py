@@ -10,6 +10,8 @@ import pytest
 
 from conftest import job_config, run_cli, write_config_file
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 
 # --- 1. never delete what the project did not write ----------------------------------------
 

@@ -17,6 +17,8 @@ from moedistill.training import loss
 from moedistill.training.vocab_sample import sample_ids
 from moedistill.training.vocab_scan import topk_lse
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 V, POS, TRIALS = 50, 4, 2000
 
 

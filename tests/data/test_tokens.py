@@ -15,6 +15,8 @@ from moedistill.data import cache, sources, tokens
 from moedistill.data.sources import DataSpec
 from moedistill.errors import ConfigError, UserError
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 L = 16
 
 

@@ -103,6 +103,7 @@ def test_every_shell_command_is_classified():
   assert kinds.count("moedistill") >= 1 and kinds.count("demo") == 1, kinds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [c for c in shell_commands() if kind(c) == "moedistill"],
                          ids=lambda c: c[2])
 def test_readme_command_parses(argv, tmp_path):
@@ -115,6 +116,7 @@ def test_readme_command_parses(argv, tmp_path):
     assert "layers.47.mlp.experts.wrapper.down_b" in r.stdout  # the 48-layer config was read
 
 
+@pytest.mark.slow
 def test_prose_overrides_parse(tmp_path):
   found = re.findall(r"(--config\.[\w.]+)=('[^']*'|[^\s`]+)", PROSE)
   assert len(found) >= 4, found
@@ -151,6 +153,7 @@ def test_table_lists_every_command(text):
   assert {m for m, _ in table_rows(text)} == commands
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module,flags", sorted(set(table_rows())),
                          ids=lambda x: x if "." in x else "")
 def test_table_flags_are_defined(module, flags):
@@ -198,6 +201,7 @@ def _script_and_flags(cmd):
   return module, script, re.findall(r"(?<![\w-])--([\w.]+)", cmd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd", inline_commands())
 def test_inline_command_names_real_flags(cmd):
   """The script or module exists and defines every flag the docs give it."""

@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 if __name__ == "__main__":  # only as a script: an import must not leak 8 devices to others
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -243,7 +245,7 @@ def bad_case(what: str) -> str:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: sharded_step_check
   from moedistill.model import gmm
   gmm.LIVE_CHUNK_ROWS = 8  # one 8-row tile per chunk: every receive tile's skip is decided
   out = {}

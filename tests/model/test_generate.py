@@ -21,6 +21,8 @@ from moedistill.hub import hf
 from moedistill.model import decode
 from moedistill.model.shared_core import Compression
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 TEACHER = Path(generate.__file__).parent / "assets" / "tiny_teacher"
 # Different lengths (4, 7 and 2 tokens); greedily the teacher ends the third at EOS after 5
 # new tokens and runs the others past N (test_greedy_* assert both happen).

@@ -37,6 +37,7 @@ def test_permute_rows_backward_is_inverse_gather():
   assert "scatter" not in jaxpr
 
 
+@pytest.mark.slow
 def test_model_ragged_vjp_equals_ragged_in_value_and_grad():
   cfg = tiny()
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9)))

@@ -43,6 +43,7 @@ def test_config_roundtrip_and_rope_theta_spellings():
     ModelConfig.from_hf_dict({**cfg.to_hf_dict(), "use_sliding_window": True})
 
 
+@pytest.mark.slow
 def test_packed_documents_equal_alone():
   cfg = tiny()
   model = Qwen3MoeForCausalLM(cfg, rngs=nnx.Rngs(3))

@@ -125,6 +125,7 @@ def test_low_capacity_drops_and_counts():
   np.testing.assert_allclose(moe.expert_ffn(d, x, *w), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compressed", [False, True])
 def test_model_sorted_equals_ragged_value_and_grad(compressed):
   cfg = tiny()

@@ -19,6 +19,8 @@ from moedistill.model.shared_core import Compression
 from moedistill.training import optim, param_tree as P
 from moedistill.training.train_step import StepConfig, make_train_step
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 POLICIES = list(REMAT_POLICIES)
 
 

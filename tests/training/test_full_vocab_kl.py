@@ -11,6 +11,8 @@ import pytest
 
 from conftest import job_config, make_hf_checkpoint, run_cli, write_config_file
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import make_hf_checkpoint
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 
 def snapshot(d):
   return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}

@@ -20,6 +20,8 @@ from conftest import free_port, job_config, make_hf_checkpoint, make_tokenizer, 
 from moedistill.training.checkpoint import Checkpoints
 from test_train import tensors
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 STEPS = 6  # per stage
 
 

@@ -19,6 +19,8 @@ from moedistill.data import cache
 from test_tokens import corpus_config
 from test_train import _differing, reference, small  # noqa: F401 - `reference` is a fixture
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 BUCKET = "moedistill-test"
 CREDS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
          "AWS_DEFAULT_REGION": "us-east-1"}

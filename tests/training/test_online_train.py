@@ -13,6 +13,8 @@ import pytest
 
 from conftest import job_config, make_hf_checkpoint, make_tokenizer
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 ALPHA, T = 0.6, 1.5
 
 

@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
 
 SPECS = ["1,1,1,1:1:0.01", "8,1,1,1:1:0.01", "2,4,1,1:1:0.01", "2,1,2,2:1:0.01",
          "1,1,1,1:1:0", "2,1,2,2:4:0"]

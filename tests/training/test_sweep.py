@@ -15,6 +15,8 @@ import pytest
 from conftest import job_config, make_hf_checkpoint, make_tokenizer, run_cli, write_config_file
 from moedistill.config import job_from_config
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 
 def small(tmp, teacher, **over):
   Path(tmp).mkdir(parents=True, exist_ok=True)

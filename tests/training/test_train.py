@@ -20,6 +20,8 @@ from moedistill.hub import safetensors_io as st
 from moedistill.train import train
 from moedistill.training.checkpoint import Checkpoints
 
+pytestmark = pytest.mark.slow  # whole commands or training runs in processes
+
 
 def small(tmp_path, teacher, **over):
   c = job_config(tmp_path, teacher, **over)

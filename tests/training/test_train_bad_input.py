@@ -37,6 +37,7 @@ def test_bad_input(tmp_path, teacher_dir, name):
   assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_cache_of_other_seq_len_is_refused(tmp_path, teacher_dir):
   path, _ = teacher_dir
   good = write_config_file(tmp_path, job_config(tmp_path, path), "good.py")
@@ -49,6 +50,7 @@ def test_cache_of_other_seq_len_is_refused(tmp_path, teacher_dir):
   assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, teacher_dir):
   path, _ = teacher_dir
   c = job_config(tmp_path, path, **{"train.lr": 1e30, "train.clip_norm": 0.0,

@@ -9,10 +9,10 @@ and learning rates from each kind of teacher target:
   sampled32      cache.mode=sampled cache.samples=32
   online         train.teacher_mode=online (the teacher in the train step, exact full-vocab KL)
 
-  nice -n 19 python scripts/bench_quality_per_byte.py [--teacher_dir=runs/real_vocab_teacher]
+  nice -n 19 python -m benchmarks.quality_per_byte [--teacher_dir=runs/real_vocab_teacher]
       [--root=runs/qpb] [--variants=top64,top16,top64_packed,sampled12,sampled32,online]
-      [--steps=20] [--batch=8] [--train_rows=320] [--rank=8] [--lr=1e-3] [--lr_all=3e-4]
-      [--parallel=6] [--table_only]
+      [--steps=100] [--batch=8] [--train_rows=800] [--rank=8] [--lr=1e-3] [--lr_all=3e-4]
+      [--alpha=1] [--parallel=2] [--table_only] [--smoke]
 
 The teacher, its train.jsonl and heldout.jsonl come from scripts/make_real_vocab_teacher.py
 (--out). Every variant is one `python -m moedistill.train` in <root>/<variant> with
@@ -33,9 +33,9 @@ at T=1:
 Columns: cache bytes/token (the train cache on disk, everything included: token arrays,
 teacher entries, metadata; bytes per cached entry = that / k), build tokens/s (the teacher
 forward over the train split, after its first step), train tokens/s (both stages, after each
-stage's first, compiling step, from metrics.jsonl), and the held-out figures. A variant whose
-feature the checkout lacks (its config field or flag is missing) is skipped with a note.
-Results: <root>/results.json; plot of full-vocab KL against bytes/token: --plot.
+stage's first, compiling step, from metrics.jsonl), and the held-out figures.
+--smoke: two variants (top16, sampled12) of two steps on the embedded tiny teacher and its
+corpus, in a temporary directory (a test of the script, not a measurement). Results: <root>/results.json; plot of full-vocab KL against bytes/token: --plot.
 A variant whose workdir already holds a report.json is not trained again (delete it to rerun).
 """
 from __future__ import annotations
@@ -45,12 +45,15 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from absl import app, flags
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks import common
+
+ROOT = common.REPO
 CONFIG = "configs/quality_per_byte.py"
 
 F = flags.FLAGS
@@ -59,55 +62,33 @@ flags.DEFINE_string("teacher_dir", "runs/real_vocab_teacher",
 flags.DEFINE_string("root", "runs/qpb", "one workdir per variant under it")
 flags.DEFINE_list("variants", "top64,top16,top64_packed,sampled12,sampled32,online",
                   "variants in run order (top64 first: its eval cache is the common one)")
-flags.DEFINE_integer("steps", 20, "optimizer steps per stage (wrappers, then all)")
+flags.DEFINE_integer("steps", 100, "optimizer steps per stage (wrappers, then all)")
 flags.DEFINE_integer("batch", 8, "rows per optimizer step")
-flags.DEFINE_integer("train_rows", 320, "train rows cached (data.train.max_rows)")
+flags.DEFINE_integer("train_rows", 800, "train rows cached (data.train.max_rows)")
 flags.DEFINE_integer("rank", 8, "student wrapper rank")
 flags.DEFINE_float("lr", 1e-3, "peak LR of the wrappers stage (train.lr)")
 flags.DEFINE_float("lr_all", 3e-4, "peak LR of the all-parameters stage (stages.all.lr)")
+flags.DEFINE_float("alpha", 1.0, "KD weight of the loss (1 = pure distillation: the CE term "
+                   "would pull every student toward the data, where the teacher is wrong)")
 flags.DEFINE_integer("eval_batch", 8, "rows per forward in the common evaluation")
 flags.DEFINE_bool("table_only", False, "run nothing: the table from results already there")
 flags.DEFINE_string("plot", "docs/quality_per_byte.png", "plot path ('' = none)")
-flags.DEFINE_integer("parallel", 6, "variants run at once (after the shared zero-shot student)")
+flags.DEFINE_integer("parallel", 2, "variants run at once (after the shared zero-shot student)")
 flags.DEFINE_integer("wait_common", 3600, "seconds a variant waits for top64's eval cache")
+flags.DEFINE_bool("smoke", False, "top16 and sampled12, two steps, on the embedded tiny teacher "
+                  "in a temporary directory (a test of the script)")
+flags.DEFINE_string("out", "", "also write the JSON record here")
 
 VARIANTS = {
-    "top16": dict(k=16, overrides=["--config.cache.k=16"], needs=[]),
-    "top64": dict(k=64, overrides=["--config.cache.k=64"], needs=[]),
-    "top64_packed": dict(k=64, overrides=["--config.cache.k=64", "--config.cache.format=packed"],
-                         needs=["cache.format"]),
-    "sampled12": dict(k=None, overrides=["--config.cache.mode=sampled",
-                                         "--config.cache.samples=12",
-                                         "--config.train.kd_mode=sampled"],
-                      needs=["cache.mode", "cache.samples", "kd_mode=sampled"]),
-    "sampled32": dict(k=None, overrides=["--config.cache.mode=sampled",
-                                         "--config.cache.samples=32",
-                                         "--config.train.kd_mode=sampled"],
-                      needs=["cache.mode", "cache.samples", "kd_mode=sampled"]),
-    "online": dict(k=64, overrides=["--config.cache.k=64", "--config.train.teacher_mode=online"],
-                   needs=["train.teacher_mode"]),
+    "top16": dict(k=16, overrides=["--config.cache.k=16"]),
+    "top64": dict(k=64, overrides=["--config.cache.k=64"]),
+    "top64_packed": dict(k=64, overrides=["--config.cache.k=64", "--config.cache.format=packed"]),
+    "sampled12": dict(k=None, overrides=["--config.cache.mode=sampled", "--config.cache.samples=12",
+                                         "--config.train.kd_mode=sampled"]),
+    "sampled32": dict(k=None, overrides=["--config.cache.mode=sampled", "--config.cache.samples=32",
+                                         "--config.train.kd_mode=sampled"]),
+    "online": dict(k=64, overrides=["--config.cache.k=64", "--config.train.teacher_mode=online"]),
 }
-# What each feature needs in the checkout: (file, text that shows it is there).
-FEATURES = {
-    "cache.format": ("moedistill/config.py", '"packed"'),
-    "cache.mode": ("moedistill/config.py", '"sampled"'),
-    "cache.samples": ("moedistill/config.py", "samples"),
-    "kd_mode=sampled": ("moedistill/config.py", '"sampled"'),
-    "train.teacher_mode": ("moedistill/config.py", "teacher_mode"),
-    "evaluate --full_vocab": ("moedistill/evaluate.py", "full_vocab"),
-}
-
-
-def missing(needs) -> list[str]:
-  out = []
-  for n in needs:
-    path, text = FEATURES[n]
-    p = ROOT / path
-    if not p.exists() or text not in p.read_text():
-      out.append(n)
-  return out
-
-
 def env():
   return {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": os.environ.get(
       "JAX_PLATFORMS", "cpu"), "PYTHONUNBUFFERED": "1"}
@@ -120,7 +101,8 @@ def common_flags(workdir: Path) -> list[str]:
           f"--config.student.rank={F.rank}", f"--config.train.batch_size={F.batch}",
           f"--config.data.train.max_rows={F.train_rows}",
           f"--config.stages.wrappers.steps={F.steps}", f"--config.stages.all.steps={F.steps}",
-          f"--config.train.lr={F.lr}", f"--config.stages.all.lr={F.lr_all}"]
+          f"--config.train.lr={F.lr}", f"--config.stages.all.lr={F.lr_all}",
+          f"--config.train.alpha={F.alpha}"]
 
 
 def run(cmd: list[str], log: Path) -> tuple[int, float, str]:
@@ -203,9 +185,6 @@ def run_variant(name: str) -> dict:
   root = Path(F.root).resolve()
   wd = root / name
   log = root / f"{name}.log"
-  lack = missing(v["needs"] + ["evaluate --full_vocab"])
-  if lack:
-    return {"skipped": f"not in this checkout: {', '.join(lack)}"}
   res = {"overrides": v["overrides"]}
   if not (wd / "report.json").exists():
     if F.table_only:
@@ -300,7 +279,28 @@ def plot(results: dict, refs: dict, path: str):
   print(f"plot: {path}")
 
 
-def main(_):
+def smoke_inputs(tmp: Path) -> Path:
+  """The embedded tiny teacher and its corpus laid out as make_real_vocab_teacher writes."""
+  assets = ROOT / "moedistill" / "assets"
+  src = tmp / "teacher_dir"
+  src.mkdir()
+  (src / "teacher").symlink_to(assets / "tiny_teacher")
+  for split in ("train", "heldout"):
+    (src / f"{split}.jsonl").symlink_to(assets / "corpus" / f"{split}.jsonl")
+  return src
+
+
+def main(argv):
+  if not F.smoke:
+    return measure()
+  with tempfile.TemporaryDirectory() as tmp:
+    F.teacher_dir = str(smoke_inputs(Path(tmp)))
+    F.root, F.plot = str(Path(tmp) / "qpb"), ""
+    F.variants, F.steps, F.batch, F.train_rows, F.parallel = ["top64", "sampled12"], 2, 4, 16, 1
+    measure()
+
+
+def measure():
   root = Path(F.root).resolve()
   root.mkdir(parents=True, exist_ok=True)
   tdir = Path(F.teacher_dir).resolve()
@@ -345,6 +345,15 @@ def main(_):
   print(table(ordered, refs))
   if F.plot:
     plot(ordered, refs, F.plot)
+  failed = [n for n, r in ordered.items() if "skipped" in r and F.smoke]
+  if failed:
+    sys.exit(f"smoke: {failed} did not run: {ordered[failed[0]]['skipped']}")
+  summary = {n: {"bytes_per_token": r.get("bytes_per_token"), **r.get("eval", {}),
+                 "train_tokens_per_s": r.get("train_tokens_per_s"),
+                 "build_tokens_per_s": r.get("build_tokens_per_s")}
+             for n, r in ordered.items() if "skipped" not in r}
+  common.emit("quality_per_byte", {"steps": F.steps, "batch": F.batch, "rank": F.rank,
+                                   "alpha": F.alpha, "variants": summary}, F.out)
 
 
 if __name__ == "__main__":
