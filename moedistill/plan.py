@@ -103,6 +103,9 @@ def knobs(job: Job, name: str) -> str:
     return (f"fewer rows per step (config.cache.rows_per_chunk={job.cache.rows_per_chunk} x "
             f"chunks_per_step={job.cache.chunks_per_step}), a smaller config.cache.vocab_chunk "
             f"(now {job.cache.vocab_chunk}), or more fsdp/devices in config.mesh ({mesh})")
+  if name.startswith("sample_"):  # the decode prefills every row of the step at once
+    return (f"a smaller config.train.batch_size (now {job.train.batch_size}; the decode is not "
+            f"micro-batched), or more fsdp/devices in config.mesh ({mesh})")
   return f"more fsdp/devices in config.mesh ({mesh}) or config.model.param_dtype=bfloat16"
 
 

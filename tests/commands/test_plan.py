@@ -88,6 +88,23 @@ def test_check_names_program_overshoot_and_knobs(fsdp8_plan):
   plan.check({**out, "device_memory": train}, job)  # exactly enough fits
 
 
+def test_a_sample_program_that_does_not_fit_names_the_batch():
+  """The on-policy decode prefills a step's rows at once: fewer rows is its knob."""
+  from moedistill import plan
+  from moedistill.config import job_from_config
+  from moedistill.errors import UserError
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("two_stage", "configs/two_stage.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  job = job_from_config(mod.get_config("on_policy"))
+  result = {"device_memory": 2**30, "programs": {"sample_on_policy": {"bytes_per_device": 2**31}}}
+  with pytest.raises(UserError, match=r"plan: sample_on_policy needs 2\.00 GiB per device, 1\.00 "
+                     rf"GiB over .*config\.train\.batch_size \(now {job.train.batch_size}; "
+                     r"the decode is not micro-batched\)"):
+    plan.check(result, job)
+
+
 def test_collective_bytes_from_compiled_hlo():
   from moedistill.hlo_cost import collective_bytes, collective_traffic
   from moedistill.plan import parse_bytes
