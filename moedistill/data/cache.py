@@ -25,9 +25,11 @@ import tensorstore as ts
 from moedistill.errors import UserError, reason
 
 FORMAT = "moedistill-topk-v2"  # v2: logits stored shifted by the row max
-PACKED_FORMAT = "moedistill-topk-packed-v1"
+PACKED_FORMAT = "moedistill-topk-packed-v2"  # v2: value codes stored as the row's max - code
+PACKED_FORMAT_V1 = "moedistill-topk-packed-v1"  # still read (data/topk_codec.py)
 SAMPLED_FORMAT = "moedistill-sampled-v1"
-KINDS = {FORMAT: "plain", PACKED_FORMAT: "packed", SAMPLED_FORMAT: "sampled"}
+KINDS = {FORMAT: "plain", PACKED_FORMAT: "packed", PACKED_FORMAT_V1: "packed",
+         SAMPLED_FORMAT: "sampled"}
 CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 * 2**20}})
 # Data written or read once (the tokens phase): caching decoded chunks would only hold memory.
 # A child of CONTEXT, so it shares the other resources (a memory:// store lives in one).
@@ -325,7 +327,8 @@ class CacheReader:
     if self.kind == "packed":
       idx, logit, lse = topk_codec.decode_topk(
           raw["packed_ids"], raw["rice_b"].ravel(), raw["topk_code"].reshape(P, -1),
-          raw["topk_top"].ravel(), raw["lse"].reshape(P, -1))
+          raw["topk_top"].ravel(), raw["lse"].reshape(P, -1),
+          from_max=m["format"] != PACKED_FORMAT_V1)
     else:
       counts = raw["sample_count"].reshape(P, -1)
       ids = topk_codec.unpack_ids(raw["packed_ids"], raw["rice_b"].ravel(),

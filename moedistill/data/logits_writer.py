@@ -136,13 +136,15 @@ def _write_coded_chunk(arrays, c, sl, meta, v, i, lse, ids):
                                        meta["temperatures"])
     a = {"rice_b": a["rice_b"].reshape(m, L), "topk_code": a["topk_code"].reshape(m, L, -1),
          "topk_top": a["topk_top"].reshape(m, L), "lse": a["lse"].reshape(m, L, -1)}
-  else:
+  elif meta["format"] == cache.SAMPLED_FORMAT:
     stream, a = topk_codec.encode_sampled(ids.reshape(P, -1))
     a = {"rice_b": a["rice_b"].reshape(m, L), "sample_count": a["sample_count"].reshape(m, L, -1)}
     if meta["exact_k"]:
       e = meta["exact_k"]
       a.update(topk_idx=i[..., :e], topk_logit=v[..., :e].astype(
           arrays["topk_logit"].dtype.numpy_dtype), lse=lse[..., :1])
+  else:  # an older format is read, never extended (its metadata differs, so it is rebuilt)
+    raise ValueError(f"cannot write chunks of a {meta['format']} cache")
   futs = [arrays[n][sl].write(x) for n, x in a.items()]
   return futs + [arrays["packed_ids"][c].write(
       topk_codec.put_stream(stream, meta["id_stream_bytes"]))]

@@ -6,6 +6,7 @@ full-vocab KD gradient (q - p) / T within 4 standard errors per coordinate, whil
 cache's gradient (renormalize mode, k=5) misses it by far more than that standard error.
 """
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +191,19 @@ def test_plain_and_packed_caches_build_and_read(tmp_path, teacher_dir):
       added.append(extra)
   added = np.concatenate(added)
   assert len(added) > 100 and added.mean() < 1e-3 and added.max() > 1e-6  # codes do round
+
+  # The first packed format (codes stored as such, PACKED_FORMAT_V1) still reads: the same
+  # cache rewritten that way decodes to the same rows.
+  arrs = cache.open_arrays(p1, r1.meta, names=["topk_code"])
+  stored = arrs["topk_code"].read().result().astype(np.int64)
+  arrs["topk_code"].write((stored.max(-1, keepdims=True) - stored).astype(np.uint8)).result()
+  meta_path = pathlib.Path(p1) / "metadata.json"
+  assert meta_path.is_file()
+  meta_path.write_text(json.dumps({**r1.meta, "format": cache.PACKED_FORMAT_V1}))
+  r_old = cache.CacheReader(p1)
+  assert r_old.kind == "packed"
+  for n, x in r_old.read_rows(np.arange(r_old.rows)).items():
+    np.testing.assert_array_equal(x, a1[n])
 
 
 def test_sampled_cache_build_read_resume_refuse(tmp_path, teacher_dir):
