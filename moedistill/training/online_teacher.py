@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from moedistill.training.fused_stats import _chunk_argmax
-from moedistill.training.vocab_scan import chunk_logits, online_lse_update
+from moedistill.training.vocab_scan import chunk_logits
 
 
 def scan_vocab_pair(fn, carry, ws_dv, wt_ev, chunk: int):
