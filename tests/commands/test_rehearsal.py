@@ -75,7 +75,6 @@ def test_full_structure_train_export_loads_in_transformers(teacher, tmp_path):
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # one process compiles each program once
   out, wall = _run_measured([sys.executable, "-m", "moedistill.train", f"--config={cfg}"], env)
   assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
-  print(out.stdout[-6000:]); print(out.stderr[-12000:])  # TEMP
   peak_gib = int(out.stdout.split("PEAK_RSS_KIB")[-1].split()[0]) / 2**20
   print(f"\nrehearsal: train command {wall:.0f}s, peak RSS {peak_gib:.2f} GiB")
   assert peak_gib < RSS_CAP_GIB
