@@ -7,7 +7,8 @@ import os
 import sys
 
 if __name__ == "__main__":  # only as a script: an import must not leak 8 devices to others
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  flags = os.environ.get("XLA_FLAGS", "")  # the suite's, see conftest
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

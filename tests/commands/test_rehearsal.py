@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import job_config, make_tokenizer, write_config_file
+from conftest import job_config, make_tokenizer, with_devices, write_config_file
 
 pytestmark = pytest.mark.slow  # whole commands or training runs in processes
 
@@ -70,7 +70,7 @@ def test_full_structure_train_export_loads_in_transformers(teacher, tmp_path):
   c.train.checkpoint_every = 2
   c.model.scan_layers = True  # 48 identical layers: one compiled layer (README, "Measured")
   cfg = write_config_file(tmp_path, c)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=with_devices(8),
              JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # one process compiles each program once
   out, wall = _run_measured([sys.executable, "-m", "moedistill.train", f"--config={cfg}"], env)

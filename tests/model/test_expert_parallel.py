@@ -21,7 +21,8 @@ import pytest
 pytestmark = pytest.mark.slow  # whole commands or training runs in processes
 
 if __name__ == "__main__":  # only as a script: an import must not leak 8 devices to others
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  flags = os.environ.get("XLA_FLAGS", "")  # the suite's, see conftest
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 MESHES = ["8,1,1,1", "1,8,1,1", "1,1,8,1", "2,1,4,1", "1,1,4,2"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import run_cli
+from conftest import run_cli, with_devices
 from moedistill import compress, export, generate
 from moedistill.errors import UserError
 from moedistill.hub import hf
@@ -203,7 +203,7 @@ def test_command_on_a_sharded_mesh_gives_the_single_device_tokens(tmp_path, teac
               "--config.mesh.expert=2", f"--config.workdir={tmp_path / 'run'}",
               f"--checkpoint={TEACHER}", f"--prompts={tmp_path / 'p.jsonl'}",
               f"--max_new_tokens={N}",
-              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+              env={"XLA_FLAGS": with_devices(4)})
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
   assert "batch 4," in lines[-1]  # 3 prompts padded to the mesh's 4 batch shards

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port, job_config, make_hf_checkpoint, make_tokenizer, write_config_file
+from conftest import (free_port, job_config, make_hf_checkpoint, make_tokenizer, with_devices,
+                      write_config_file)
 from moedistill.training.checkpoint import Checkpoints
 from test_train import tensors
 
@@ -60,7 +61,7 @@ def one_process(tmp_path_factory):
   make_tokenizer(teacher)
   (tmp / "one").mkdir()
   cfg, work = _config(tmp / "one", teacher, lanes=2)  # the pair's lanes: the same batches
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=with_devices(2))
   one = subprocess.run([sys.executable, "-m", "moedistill.train", f"--config={cfg}"],
                        capture_output=True, text=True, env=env, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
