@@ -34,8 +34,9 @@ Columns: cache bytes/token (the train cache on disk, everything included: token 
 teacher entries, metadata; bytes per cached entry = that / k), build tokens/s (the teacher
 forward over the train split, after its first step), train tokens/s (both stages, after each
 stage's first, compiling step, from metrics.jsonl), and the held-out figures.
---smoke: two variants (top16, sampled12) of two steps on the embedded tiny teacher and its
-corpus, in a temporary directory (a test of the script, not a measurement). Results: <root>/results.json; plot of full-vocab KL against bytes/token: --plot.
+--smoke: two variants (top64, sampled12) of two steps on the embedded tiny teacher and its
+corpus, 16 held-out rows, in a temporary directory (a test of the script, not a measurement).
+Results: <root>/results.json; plot of full-vocab KL against bytes/token: --plot.
 A variant whose workdir already holds a report.json is not trained again (delete it to rerun).
 """
 from __future__ import annotations
@@ -75,8 +76,9 @@ flags.DEFINE_bool("table_only", False, "run nothing: the table from results alre
 flags.DEFINE_string("plot", "docs/quality_per_byte.png", "plot path ('' = none)")
 flags.DEFINE_integer("parallel", 2, "variants run at once (after the shared zero-shot student)")
 flags.DEFINE_integer("wait_common", 3600, "seconds a variant waits for top64's eval cache")
-flags.DEFINE_bool("smoke", False, "top16 and sampled12, two steps, on the embedded tiny teacher "
-                  "in a temporary directory (a test of the script)")
+flags.DEFINE_bool("smoke", False, "top64 and sampled12, two steps, 16 held-out rows, on the "
+                  "embedded tiny teacher in a temporary directory (a test of the script)")
+flags.DEFINE_integer("eval_rows", 0, "held-out rows evaluated (data.eval.max_rows; 0 = all)")
 flags.DEFINE_string("out", "", "also write the JSON record here")
 
 VARIANTS = {
@@ -102,7 +104,8 @@ def common_flags(workdir: Path) -> list[str]:
           f"--config.data.train.max_rows={F.train_rows}",
           f"--config.stages.wrappers.steps={F.steps}", f"--config.stages.all.steps={F.steps}",
           f"--config.train.lr={F.lr}", f"--config.stages.all.lr={F.lr_all}",
-          f"--config.train.alpha={F.alpha}"]
+          f"--config.train.alpha={F.alpha}",
+          *([f"--config.data.eval.max_rows={F.eval_rows}"] if F.eval_rows else [])]
 
 
 def run(cmd: list[str], log: Path) -> tuple[int, float, str]:
@@ -297,6 +300,7 @@ def main(argv):
     F.teacher_dir = str(smoke_inputs(Path(tmp)))
     F.root, F.plot = str(Path(tmp) / "qpb"), ""
     F.variants, F.steps, F.batch, F.train_rows, F.parallel = ["top64", "sampled12"], 2, 4, 16, 1
+    F.eval_rows = 16
     measure()
 
 
