@@ -7,10 +7,13 @@ and learning rates from each kind of teacher target:
   top64_packed   top-64 cache, cache.format=packed (Rice-coded ids, 1-byte log-prob codes)
   sampled12      cache.mode=sampled cache.samples=12 (unbiased draws; kd_mode=sampled)
   sampled32      cache.mode=sampled cache.samples=32
+  sampled12_exact4  cache.samples=12 cache.exact_k=4 (the teacher's top 4 exact, 12 draws from
+                 the rest: the head's share of the gradient without sampling noise)
   online         train.teacher_mode=online (the teacher in the train step, exact full-vocab KL)
 
   nice -n 19 python -m benchmarks.quality_per_byte [--teacher_dir=runs/real_vocab_teacher]
-      [--root=runs/qpb] [--variants=top64,top16,top64_packed,sampled12,sampled32,online]
+      [--root=runs/qpb]
+      [--variants=top64,top16,top64_packed,sampled12,sampled32,sampled12_exact4,online]
       [--steps=100] [--batch=8] [--train_rows=800] [--rank=8] [--lr=1e-3] [--lr_all=3e-4]
       [--alpha=1] [--parallel=2] [--table_only] [--smoke]
 
@@ -61,7 +64,8 @@ F = flags.FLAGS
 flags.DEFINE_string("teacher_dir", "runs/real_vocab_teacher",
                     "--out of scripts/make_real_vocab_teacher.py")
 flags.DEFINE_string("root", "runs/qpb", "one workdir per variant under it")
-flags.DEFINE_list("variants", "top64,top16,top64_packed,sampled12,sampled32,online",
+flags.DEFINE_list("variants", "top64,top16,top64_packed,sampled12,sampled32,sampled12_exact4,"
+                  "online",
                   "variants in run order (top64 first: its eval cache is the common one)")
 flags.DEFINE_integer("steps", 100, "optimizer steps per stage (wrappers, then all)")
 flags.DEFINE_integer("batch", 8, "rows per optimizer step")
@@ -89,6 +93,9 @@ VARIANTS = {
                                          "--config.train.kd_mode=sampled"]),
     "sampled32": dict(k=None, overrides=["--config.cache.mode=sampled", "--config.cache.samples=32",
                                          "--config.train.kd_mode=sampled"]),
+    "sampled12_exact4": dict(k=None, overrides=[
+        "--config.cache.mode=sampled", "--config.cache.samples=12", "--config.cache.exact_k=4",
+        "--config.train.kd_mode=sampled"]),
     "online": dict(k=64, overrides=["--config.cache.k=64", "--config.train.teacher_mode=online"]),
 }
 def env():
@@ -222,7 +229,7 @@ def run_variant(name: str) -> dict:
 
 
 def table(results: dict, refs: dict) -> str:
-  head = (f"{'variant':<14} {'B/token':>8} {'B/entry':>8} {'build tok/s':>12} "
+  head = (f"{'variant':<16} {'B/token':>8} {'B/entry':>8} {'build tok/s':>12} "
           f"{'train tok/s':>12} {'KL full':>8} {'KL bucket':>10} {'ppl':>8} {'top-1':>7}")
   lines = [head, "-" * len(head)]
 
@@ -232,17 +239,17 @@ def table(results: dict, refs: dict) -> str:
 
   for name, r in list(refs.items()) + list(results.items()):
     if "skipped" in r:
-      lines.append(f"{name:<14} skipped: {r['skipped']}")
+      lines.append(f"{name:<16} skipped: {r['skipped']}")
       continue
     e = r.get("eval", r)
     if "error" in e:
-      lines.append(f"{name:<14} evaluate failed: {e['error'][:200]}")
+      lines.append(f"{name:<16} evaluate failed: {e['error'][:200]}")
       continue
     online = name == "online"  # its KD reads no cache (the train cache gives the tokens)
     bpt = None if online else r.get("bytes_per_token")
     k = r.get("k")
     lines.append(
-        f"{name:<14} {fmt(bpt, '8.1f')} {fmt(bpt / k if bpt and k else None, '8.2f')} "
+        f"{name:<16} {fmt(bpt, '8.1f')} {fmt(bpt / k if bpt and k else None, '8.2f')} "
         f"{fmt(None if online else r.get('build_tokens_per_s'), '12,.0f')} "
         f"{fmt(r.get('train_tokens_per_s'), '12,.0f')} "
         f"{fmt(e.get('kl_full'), '8.4f')} {fmt(e.get('kl'), '10.4f')} {fmt(e.get('ppl'), '8.2f')} "
