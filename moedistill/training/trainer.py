@@ -139,7 +139,7 @@ class Trainer:
     self.ckpt = Checkpoints(self.workdir / "checkpoints", keep=job.train.keep)
     self.steps = [stage_steps(s, reader.rows, job.train.batch_size) for s in job.train.stages]
     self.offsets = np.concatenate([[0], np.cumsum(self.steps)]).astype(int).tolist()
-    self.sigterm = False
+    self.sigterm = self.interrupted = False
     self.pool = concurrent.futures.ThreadPoolExecutor(1)
     # Where to continue (stage index, step in stage, opt_state or None); sets self.params
     # from the newest checkpoint and self.lanes, the run's read lanes.
@@ -225,6 +225,7 @@ class Trainer:
     """Runs every remaining stage; returns the final params dict."""
     # More processes: JAX's preemption service has the signal (see _stop_requested).
     old = signal.signal(signal.SIGTERM, self._on_sigterm) if jax.process_count() == 1 else None
+    old_int = signal.signal(signal.SIGINT, self._on_sigint)
     try:
       i, s0, opt_state = self.start
       for i in range(i, len(self.steps)):
@@ -235,16 +236,28 @@ class Trainer:
     finally:
       if old is not None:
         signal.signal(signal.SIGTERM, old)
+      signal.signal(signal.SIGINT, old_int)
       self.ckpt.close()
       self.logger.close()
 
   def _on_sigterm(self, *_):
     self.sigterm = True
 
+  def _on_sigint(self, *_):
+    """Ctrl-C: KeyboardInterrupt where the process is, as Python's own handler does, and a
+    flag the next step reads: code that catches everything (an asyncio runner inside a
+    checkpoint save, a finalizer) can swallow the exception, and the run must still stop.
+    Being not Python's default handler, it is also never replaced by an asyncio runner's."""
+    self.interrupted = True
+    raise KeyboardInterrupt
+
   def _stop_requested(self, g: int) -> bool:
     """True on every process at the same global step g once any of them got SIGTERM.
     Called at every step on every process (the service's protocol: it settles on the step
-    after the largest one any process reported when the notice arrived)."""
+    after the largest one any process reported when the notice arrived). Raises
+    KeyboardInterrupt after a Ctrl-C that the code it interrupted swallowed."""
+    if self.interrupted:
+      raise KeyboardInterrupt
     return self.sigterm or multihost_utils.reached_preemption_sync_point(g)
 
   def _checkpoint(self, i: int, s: int, trainable, frozen, opt_state) -> bool:
