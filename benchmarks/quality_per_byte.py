@@ -262,20 +262,22 @@ def plot(results: dict, refs: dict, path: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  n_points = 0
   for name, r in sorted(results.items(), key=lambda x: x[0] == "online"):  # online last
     e = r.get("eval", {})
     if "skipped" in r or e.get("kl_full") is None:
       continue
     if name == "online":
       ax.axhline(e["kl_full"], ls="--", c="gray", lw=1)
-      ax.text(ax.get_xlim()[0], e["kl_full"], " online teacher (no cache)", va="bottom",
-              fontsize=8, color="gray")
+      ax.text(0.01, e["kl_full"], "online teacher (no cache)", va="bottom", fontsize=8,
+              color="gray", transform=ax.get_yaxis_transform())  # x in axes units
       continue
     x = r.get("bytes_per_token")
     if x:
       ax.scatter([x], [e["kl_full"]])
-      ax.annotate(name, (x, e["kl_full"]), textcoords="offset points", xytext=(4, 4),
-                  fontsize=8)
+      ax.annotate(name, (x, e["kl_full"]), textcoords="offset points", fontsize=8,
+                  xytext=(4, 4) if n_points % 2 == 0 else (4, -11))  # neighbours apart
+      n_points += 1
   z = refs.get("zero-shot", {}).get("eval", {})
   if "kl_full" in z:
     ax.set_title(f"zero-shot student: KL {z['kl_full']:.3f}", fontsize=9)
