@@ -123,7 +123,8 @@ def test_prose_overrides_parse(tmp_path):
   overrides = [f"{name}={value.strip(chr(39)).replace(chr(10), ' ')}" for name, value in found]
   # A packed cache, a sampled cache and the other settings (several temperatures) exclude
   # each other: one run each.
-  sampled = ("--config.cache.mode", "--config.cache.samples", "--config.train.kd_mode")
+  sampled = ("--config.cache.mode", "--config.cache.samples", "--config.cache.exact_k",
+             "--config.train.kd_mode")
   for group in ([o for o in overrides if not o.startswith(("--config.cache.format", *sampled))],
                 [o for o in overrides if o.startswith("--config.cache.format")],
                 [o for o in overrides if o.startswith(sampled)]
