@@ -16,9 +16,9 @@ Two layouts besides today's `plain` (int32 ids, bf16 logits; see data/cache.py):
           the code (uint8, in the sorted-id order; the argmax's code is 0, so its stored value
           is that largest code and the decoder needs nothing else). A top-k's entries crowd
           towards its smallest one (the k-th), so these differences are small numbers whose
-          spread follows the row's: zstd stores them in ~1.4 bits fewer per entry than the
-          codes themselves (5.2 against 6.6 bits on the real-vocabulary teacher's top-64).
-          The first packed format (PACKED_FORMAT_V1, still read) stored the codes.
+          spread follows the row's, and zstd stores them in fewer bits than the codes
+          themselves (figures: docs/cache_format.md). The first packed format
+          (PACKED_FORMAT_V1, still read) stored the codes.
   top     position of the row's argmax in the sorted ids (`topk_top`, uint8), so a decoded row
           starts with the teacher's exact argmax whatever the ties among rounded codes.
   lse     f32 per cached T, `lse_T + log(M^_T / M_T)`: M_T the exact top-k mass at T (from the
@@ -170,11 +170,12 @@ def decode_topk(stream, rice_b, topk_code, topk_top, lse, from_max: bool = True)
   from_max=False reads PACKED_FORMAT_V1's `topk_code` (the codes themselves)."""
   code = np.asarray(topk_code).astype(np.int32)
   P, k = code.shape
+  top = (np.arange(P), np.asarray(topk_top, np.int64))  # each position's argmax entry
   if from_max:  # stored = max - code, and the argmax's stored value is the max
-    code = code[np.arange(P), np.asarray(topk_top, np.int64)][:, None] - code
+    code = code[top][:, None] - code
   ids = unpack_ids(stream, rice_b, np.full(P, k), k)
   key = code.copy()
-  key[np.arange(P), np.asarray(topk_top, np.int64)] = -1  # the argmax sorts first
+  key[top] = -1  # the argmax sorts first
   order = np.argsort(key, axis=1, kind="stable")  # ids ascending within equal codes
   return (np.take_along_axis(ids, order, axis=1),
           (-STEP * np.take_along_axis(code, order, axis=1)).astype(np.float32),
