@@ -26,16 +26,19 @@ ROWS = (("teacher", "teacher"), ("student_init", "zero-shot student"),
         ("student_distilled", "distilled student"))
 
 
-def evaluate_path(job: Job, path, reader: CacheReader, mesh=None, teacher=None) -> dict:
+def evaluate_path(job: Job, path, reader: CacheReader, mesh=None, teacher=None,
+                  model=None) -> dict:
   """Held-out figures of one checkpoint directory, at T=1 when cached (the report's and the
   sweep's one definition). The model is read straight into its shardings on `mesh` (default:
-  the config's) and evaluated there: every process must call this. With `teacher` (a model
-  on that mesh) the figures add the exact full-vocab KL `kl_full` (evaluate_model)."""
+  the config's) and evaluated there: every process must call this; `model`, when given, is
+  that checkpoint already loaded so. With `teacher` (a model on that mesh) the figures add the
+  exact full-vocab KL `kl_full` (evaluate_model)."""
   mesh = mesh or sharding.make_mesh(job.mesh)
   temperature = 1.0 if reader.temperature_index(1.0) is not None else reader.meta["temperatures"][0]
   # Exact figures even when training trades drops for speed (capacity): evaluate_model
   # refuses a dropping Runtime, so the report evaluates with its dropless counterpart.
-  model, _ = hf.load_model(path, resolve.dropless(job.model), put=sharding.sharded_put(mesh))
+  if model is None:
+    model, _ = hf.load_model(path, resolve.dropless(job.model), put=sharding.sharded_put(mesh))
   return evaluate_model(model, reader, temperature=temperature, mesh=mesh, teacher=teacher,
                         vocab_chunk=job.train.vocab_chunk)
 
@@ -51,7 +54,8 @@ def write_report(job: Job, mesh=None) -> dict:
            "student_distilled": workdir / "export"}
   teacher = hf.load_model(job.teacher, resolve.dropless(job.model),
                           put=sharding.sharded_put(mesh))[0]
-  report = {key: evaluate_path(job, path, reader, mesh, teacher)
+  report = {key: evaluate_path(job, path, reader, mesh, teacher,
+                              model=teacher if key == "teacher" else None)
             for key, path in paths.items()}
   del teacher
   # Greedy exact match on held-out prompts of the demo corpus's tasks (gen_eval; {} when

@@ -138,6 +138,8 @@ def load_model(path, runtime: Runtime = Runtime(), put: Callable | None = None):
   for p, src in zip(groups, srcs):
     flat[p].set_value(put(flat[p], src))
     src.close()
+  for f in {id(f): f for f in by_key.values()}.values():
+    f.close()
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
 
 
@@ -181,9 +183,10 @@ class LazyParam:
     return (a.T if e.transpose else a).astype(self.dtype, copy=False)  # a view when no cast
 
   def close(self):
+    """Drops the slices read; each file's mapping goes once it holds RELEASE_BYTES."""
     self._done = {}
-    for e in self._entries:
-      self._by_key[e.hf_key].close()
+    for f in {id(self._by_key[e.hf_key]): self._by_key[e.hf_key] for e in self._entries}.values():
+      f.release()
 
 
 def _sliced_shape(shape, idx) -> tuple:

@@ -3,6 +3,7 @@ top-1 agreement with the teacher; the sharded eval program and its batches (used
 `evaluate`, `report` and `plan` commands and by `compress`'s routing statistics)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -17,6 +18,9 @@ from moedistill.model import resolve
 from moedistill.training.train_step import StepConfig, micro_loss
 
 
+# The program builders are memoised: models of one structure (a report's zero-shot and distilled
+# students, a sweep's runs) share one jitted function, so each program compiles once per process.
+@functools.lru_cache(maxsize=8)
 def eval_program(graphdef, config, temperature: float, t_index: int, chunk: int = 4096,
                  mesh=None, mode: str = "bucket"):
   """The jitted metric sums of one batch, (state, batch) -> sums: the training loss path in
@@ -41,6 +45,7 @@ def make_eval_fn(model, temperature: float, t_index: int, chunk: int = 4096, mes
   return lambda batch: fn(state, batch)
 
 
+@functools.lru_cache(maxsize=8)
 def full_vocab_program(graphdef, teacher_graphdef, temperature: float, chunk: int = 4096,
                        mesh=None):
   """The jitted exact full-vocab KL(teacher || student) sums of one batch, (state,

@@ -149,6 +149,29 @@ def test_sharded_load_reads_only_each_devices_slices(tmp_path):
     assert row["expert_reads"] == row["expert_tensors"] * fsdp, row
 
 
+def test_each_file_is_mapped_once_until_it_holds_release_bytes(tmp_path, monkeypatch):
+  """A load maps each shard file once (safe_open parses the whole header each time), not once
+  per param; once the tensors read through a mapping hold RELEASE_BYTES it is dropped and the
+  next read maps the file again. Both loads equal a load that maps per tensor."""
+  from moedistill.hub import safetensors_io as st
+  make_hf_checkpoint(tmp_path, max_shard_size="20KB", num_experts=8)
+  n_files = len(list(tmp_path.glob("model-*.safetensors")))
+  assert n_files >= 3
+  opens = []
+  real_open = st.safe_open
+  monkeypatch.setattr(st, "safe_open",
+                      lambda path, **kw: opens.append(path) or real_open(path, **kw))
+  model, _ = hf.load_model(tmp_path)
+  # one open per file for its header, one to read it
+  assert len(opens) == 2 * n_files, opens
+  n_params = len(hf.state_arrays(model))
+  opens.clear()
+  monkeypatch.setattr(st, "RELEASE_BYTES", 1)  # every param's files dropped after it
+  again, _ = hf.load_model(tmp_path)
+  assert len(opens) >= n_params + n_files
+  _same_state(model, again)
+
+
 @pytest.fixture
 def student_dir(tmp_path, hf_tiny):
   from flax import nnx
