@@ -1,7 +1,7 @@
 """The two-stage demo with moe_backend=pallas and attention=pallas (the Pallas GPU kernels, in
 interpret mode on CPU) completes, and its first logged step equals the same run with `sorted`
-and `plain` in loss and kl to 1e-5 relative: the same cache, the same student init, the same
-batch; only the kernels differ (float32 sums in another order, ~1e-7 relative).
+and `plain` in loss and kl to 1e-5 relative: the same cache and student init (the Pallas
+run's), the same batch; only the kernels differ (float32 sums in another order, ~1e-7 relative).
 Minutes of interpret-mode work (the teacher cache forward, 4 train steps, the held-out
 evaluation): marked slow.
 """
