@@ -112,6 +112,7 @@ def common_flags(workdir: Path) -> list[str]:
           f"--config.stages.wrappers.steps={F.steps}", f"--config.stages.all.steps={F.steps}",
           f"--config.train.lr={F.lr}", f"--config.stages.all.lr={F.lr_all}",
           f"--config.train.alpha={F.alpha}",
+          "--config.report.gen_prompts=0",  # greedy decoding: not a figure of this benchmark
           *([f"--config.data.eval.max_rows={F.eval_rows}"] if F.eval_rows else [])]
 
 

@@ -136,6 +136,8 @@ def get_config(arg: str = ""):
                                        # start this run when its workdir has no checkpoints
 
   c.report = ml_collections.ConfigDict()
+  c.report.after_train = True          # train ends by evaluating teacher, zero-shot and distilled
+                                       # student (False: skip; python -m moedistill.report later)
   c.report.gen_prompts = 64            # held-out prompts of greedy exact match per model in the
                                        # report, the demo teacher's four tasks (0 = off)
 

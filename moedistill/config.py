@@ -124,6 +124,7 @@ class Job:
   train: TrainConfig
   gen_prompts: int = 0  # report: held-out prompts of greedy exact match (training/gen_eval.py;
                         # only with the demo's teacher; 0 = off, the default without config.report)
+  report_after_train: bool = True  # config.report.after_train: `train` ends with the report
 
   def cache_path(self, split: str) -> str:
     return join(self.cache.path, split)
@@ -311,7 +312,13 @@ def job_from_config(c) -> Job:
       model=runtime(c.model),
       mesh=MeshConfig(**{a: c.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}),
       student_init=st.init_from or str(Path(c.workdir, "student_init")), ranks=ranks,
-      train=_train(c), gen_prompts=_gen_prompts(c))
+      train=_train(c), gen_prompts=_gen_prompts(c), report_after_train=_after_train(c))
+
+
+def _after_train(c) -> bool:
+  v = c.get("report", {}).get("after_train", True)
+  _check(isinstance(v, bool), f"config.report.after_train={v!r}: expected True or False")
+  return v
 
 
 def _gen_prompts(c) -> int:

@@ -196,6 +196,12 @@ def main(argv):
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(0)
+  if not job.report_after_train:
+    if jax.process_index() == 0:
+      print(f"trained in {time.time() - t0:.0f}s: export {export}; no report "
+            "(config.report.after_train=False; `python -m moedistill.report` with this config "
+            "writes it)", flush=True)
+    return
   if jax.process_index() == 0:  # before the table, so that stdout ends with it
     print(f"trained in {time.time() - t0:.0f}s: export {export}; evaluating for the report "
           f"{Path(job.workdir) / 'report.json'}", flush=True)

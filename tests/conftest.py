@@ -145,6 +145,10 @@ def job_config(tmp_path, teacher, /, train_docs=40, **over):
   c.cache.rows_per_chunk = 4
   c.cache.chunks_per_step = 1
   c.cache.vocab_chunk = 32
+  # `train` ends without the report (evaluating three models is most of a tiny run's time):
+  # the tests about the report or all of a run's writes turn it on (commands/test_first_hour,
+  # test_rehearsal, test_safety; training/test_train checks the skip and the report command).
+  c.report.after_train = False
   for k, v in over.items():
     node = c
     *parents, leaf = k.split(".")

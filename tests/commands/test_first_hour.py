@@ -125,7 +125,7 @@ def tiny(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("first_hour")
   make_hf_checkpoint(tmp / "teacher", vocab_size=64)
   make_tokenizer(tmp / "teacher")
-  c = job_config(tmp, tmp / "teacher")
+  c = job_config(tmp, tmp / "teacher", **{"report.after_train": True})
   c.stages.wrappers.steps = 3
   c.stages.all.steps = 100_000  # interrupted, then finished with a short override
   c.train.batch_size = 4

@@ -57,7 +57,7 @@ def test_full_structure_train_export_loads_in_transformers(teacher, tmp_path):
   path, n_teacher = teacher
   shards = sorted(path.glob("model-*.safetensors"))
   assert len(shards) >= 2, "the rehearsal needs a multi-shard teacher"
-  c = job_config(tmp_path, path, train_docs=120)
+  c = job_config(tmp_path, path, train_docs=120, **{"report.after_train": True})
   c.data.seq_len = 128
   c.cache.k = 64
   c.cache.rows_per_chunk = 8

@@ -81,7 +81,7 @@ def test_run_writes_only_inside_its_paths(tmp_path):
   teacher = tmp_path / "inputs" / "teacher"
   make_hf_checkpoint(teacher, vocab_size=64)
   make_tokenizer(teacher)
-  c = job_config(tmp_path / "inputs", teacher)
+  c = job_config(tmp_path / "inputs", teacher, **{"report.after_train": True})  # its writes too
   c.workdir = str(tmp_path / "work")
   c.cache.path = str(tmp_path / "cache")
   c.stages.wrappers.steps, c.stages.all.steps, c.train.batch_size = 2, 2, 4

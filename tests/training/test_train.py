@@ -171,6 +171,16 @@ def test_damaged_latest_checkpoint_is_retrained_replaced_then_silent(tmp_path, r
   assert f"resumed from {work / 'checkpoints' / str(latest)} " in r.stdout
   assert (work / "metrics.jsonl").read_text() == trained
   assert not _differing(work / "export", ref_export)
+  # config.report.after_train=False (the tests' job_config): no report, a line saying how to
+  # write it, and that command writes it.
+  assert "no report (config.report.after_train=False" in r.stdout
+  assert not (work / "report.json").exists()
+  r = subprocess.run([sys.executable, "-m", "moedistill.report", f"--config={cfg}"],
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.loads((work / "report.json").read_text())
+  assert set(report) == {"teacher", "student_init", "student_distilled"}
+  assert r.stdout.strip().splitlines()[-1].startswith("distilled student")
 
 
 def test_changed_groups_are_refused_then_restart_from_starts_a_new_workdir(tmp_path, reference):
