@@ -33,8 +33,10 @@ _NAMES = {np.dtype(d): n for n, d in (
 
 
 # The mapping is dropped once the tensors read through it (counted whole: a strided slice
-# touches pages across its tensor) hold this many bytes.
-RELEASE_BYTES = 64 << 20
+# touches pages across its tensor) hold this many bytes: small enough that what the open
+# mappings keep resident is a small part of a load's peak RSS, large enough that a shard's
+# header is parsed a few times, not once per param (docs/benchmarks.md, loading a checkpoint).
+RELEASE_BYTES = 4 << 20
 
 
 class SafetensorsFile:
