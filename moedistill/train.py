@@ -196,16 +196,13 @@ def main(argv):
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(0)
-  if not job.report_after_train:
-    if jax.process_index() == 0:
-      print(f"trained in {time.time() - t0:.0f}s: export {export}; no report "
-            "(config.report.after_train=False; `python -m moedistill.report` with this config "
-            "writes it)", flush=True)
-    return
   if jax.process_index() == 0:  # before the table, so that stdout ends with it
-    print(f"trained in {time.time() - t0:.0f}s: export {export}; evaluating for the report "
-          f"{Path(job.workdir) / 'report.json'}", flush=True)
-  write_report(job)  # every process: the models are evaluated on the mesh
+    then = (f"evaluating for the report {Path(job.workdir) / 'report.json'}"
+            if job.report_after_train else "no report (config.report.after_train=False; "
+            "`python -m moedistill.report` with this config writes it)")
+    print(f"trained in {time.time() - t0:.0f}s: export {export}; {then}", flush=True)
+  if job.report_after_train:
+    write_report(job)  # every process: the models are evaluated on the mesh
 
 
 def define_flags():

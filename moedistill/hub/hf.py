@@ -138,7 +138,7 @@ def load_model(path, runtime: Runtime = Runtime(), put: Callable | None = None):
   for p, src in zip(groups, srcs):
     flat[p].set_value(put(flat[p], src))
     src.close()
-  for f in {id(f): f for f in by_key.values()}.values():
+  for f in set(by_key.values()):
     f.close()
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
 
@@ -185,7 +185,7 @@ class LazyParam:
   def close(self):
     """Drops the slices read; each file's mapping goes once it holds RELEASE_BYTES."""
     self._done = {}
-    for f in {id(self._by_key[e.hf_key]): self._by_key[e.hf_key] for e in self._entries}.values():
+    for f in {self._by_key[e.hf_key] for e in self._entries}:
       f.release()
 
 
