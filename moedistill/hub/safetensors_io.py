@@ -4,8 +4,8 @@ thing it leaves out: errors that name the file, and the tensor when one is at fa
 Reads are lazy (`safe_open` memory-maps the file; `get_slice` copies only the requested slice).
 A mapping keeps every page it touched resident, so `release()` drops it once the tensors read
 through it hold RELEASE_BYTES: host memory then follows what is being read, not the file, and
-the file is not reopened per tensor (each `safe_open` parses the whole header again: 34 ms for
-the 18,432 expert keys of a 48-layer, 128-expert checkpoint). Never pickle.
+the file is not reopened per tensor (each `safe_open` parses the whole header again, and a
+128-expert checkpoint's headers list thousands of tensors). Never pickle.
 Writes: `write` is the library's save_file (all of a file's tensors at once); `StreamWriter`
 writes the same format one tensor at a time, for exports whose shards outsize host memory
 (benchmarks/export.py measures the two).
