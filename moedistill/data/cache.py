@@ -174,10 +174,12 @@ def clear(path: str):
       raise UserError(f"cache.path={path}: holds {key.decode(errors='replace')}, which "
                       "moedistill did not write; refusing to delete it (choose an empty or new "
                       "cache.path)")
-  futures = [kv.delete_range(ts.KvStore.KeyRange(name, name + "\0")) for name in OWN_NAMES]
-  futures += [kv.delete_range(ts.KvStore.KeyRange(name + "/", name + "0")) for name in OWN_NAMES]
-  for f in futures:
-    f.result()
+  # The single keys go first: the file driver lists `name/` as a directory and fails on a
+  # `name` that is still a file (metadata.json), so the two kinds of delete cannot overlap.
+  for ranges in ([(name, name + "\0") for name in OWN_NAMES],
+                 [(name + "/", name + "0") for name in OWN_NAMES]):
+    for f in [kv.delete_range(ts.KvStore.KeyRange(*r)) for r in ranges]:
+      f.result()
 
 
 def kvstore(path: str) -> ts.KvStore:
