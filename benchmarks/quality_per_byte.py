@@ -37,8 +37,9 @@ Columns: cache bytes/token (the train cache on disk, everything included: token 
 teacher entries, metadata; bytes per cached entry = that / k), build tokens/s (the teacher
 forward over the train split, after its first step), train tokens/s (both stages, after each
 stage's first, compiling step, from metrics.jsonl), and the held-out figures.
---smoke: two variants (top64, sampled12) of two steps on the embedded tiny teacher and its
-corpus, 16 held-out rows, in a temporary directory (a test of the script, not a measurement).
+--smoke: two variants (top64, sampled12) of two steps of stage `all` on the embedded tiny
+teacher and its corpus, 16 held-out rows, in a temporary directory (a test of the script, not
+a measurement).
 Results: <root>/results.json; plot of full-vocab KL against bytes/token: --plot.
 A variant whose workdir already holds a report.json is not trained again (delete it to rerun).
 """
@@ -80,8 +81,9 @@ flags.DEFINE_bool("table_only", False, "run nothing: the table from results alre
 flags.DEFINE_string("plot", "docs/quality_per_byte.png", "plot path ('' = none)")
 flags.DEFINE_integer("parallel", 2, "variants run at once (after the shared zero-shot student)")
 flags.DEFINE_integer("wait_common", 3600, "seconds a variant waits for top64's eval cache")
-flags.DEFINE_bool("smoke", False, "top64 and sampled12, two steps, 16 held-out rows, on the "
-                  "embedded tiny teacher in a temporary directory (a test of the script)")
+flags.DEFINE_bool("smoke", False, "top64 and sampled12, two steps of stage all, 16 held-out "
+                  "rows, on the embedded tiny teacher in a temporary directory (a test of the "
+                  "script)")
 flags.DEFINE_integer("eval_rows", 0, "held-out rows evaluated (data.eval.max_rows; 0 = all)")
 flags.DEFINE_string("out", "", "also write the JSON record here")
 
@@ -113,6 +115,7 @@ def common_flags(workdir: Path) -> list[str]:
           f"--config.train.lr={F.lr}", f"--config.stages.all.lr={F.lr_all}",
           f"--config.train.alpha={F.alpha}",
           "--config.report.gen_prompts=0",  # greedy decoding: not a figure of this benchmark
+          *(["--config.stage_order=all"] if F.smoke else []),  # one train program to compile
           *([f"--config.data.eval.max_rows={F.eval_rows}"] if F.eval_rows else [])]
 
 
