@@ -1,8 +1,11 @@
 """Full-structure rehearsal: a teacher with Qwen3-30B-A3B's structure (48 layers, 128 experts
 top-8, vocab 151936, several bf16 shard files) at narrow width, made by `transformers`, through
-the whole `train` command (cache, zero-shot student, two stages, export, report) on 8 forced
-CPU devices with an fsdp=8 mesh. The export loads and runs in `transformers` with the teacher's
-parameter count. Prints the wall time and the peak RSS of the run (README, "Measured")."""
+the whole `train` command (cache, zero-shot student, stage `all`, export, report) on 8 forced
+CPU devices with an fsdp=8 mesh. One stage: `all` (everything but the embeddings) holds the
+largest train state, gradients and Adam moments of nearly every parameter; moving from one
+stage to the next is tested at small size (tests/training/test_train.py). The export loads
+and runs in `transformers` with the teacher's parameter count. Prints the wall time and the
+peak RSS of the run (docs/benchmarks.md, "Full-structure rehearsal")."""
 import json
 import os
 import sys
@@ -65,10 +68,10 @@ def test_full_structure_train_export_loads_in_transformers(teacher, tmp_path):
   c.student.rank = 4
   c.mesh.data, c.mesh.fsdp = 1, 8
   c.train.batch_size = 8
-  c.stages.wrappers.steps = 2
+  c.stage_order = "all"
   c.stages.all.steps = 2
   c.train.checkpoint_every = 2
-  c.model.scan_layers = True  # 48 identical layers: one compiled layer (README, "Measured")
+  c.model.scan_layers = True  # 48 identical layers: one compiled layer (docs/benchmarks.md)
   cfg = write_config_file(tmp_path, c)
   env = dict(os.environ, XLA_FLAGS=with_devices(8),
              JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
